@@ -1,0 +1,138 @@
+"""Settings: the one typed, validated view of the environment (the only reader of env vars)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from listener.errors import ConfigError
+
+CpuKind = Literal["shared", "performance"]
+
+
+class Settings(BaseSettings):
+    """Everything the listener can be told, with units in the names and safe defaults."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    # Supabase
+    supabase_url: AnyHttpUrl = Field(description="Project URL, e.g. https://abc.supabase.co")
+    supabase_service_role_key: SecretStr = Field(
+        description="Service-role key (bypasses RLS); never logged"
+    )
+
+    # Fly
+    fly_api_token: SecretStr = Field(description="Fly API token (deploy or org token); never logged")
+    fly_app_name: str = Field(min_length=1, description="Fly app that holds the sandbox machines")
+    fly_api_hostname: AnyHttpUrl = Field(
+        default=AnyHttpUrl("https://api.machines.dev"),
+        description="Machines API base URL (http://_api.internal:4280 inside Fly)",
+    )
+    fly_rate_per_s: float = Field(
+        default=1.0, gt=0, description="Per-action, per-machine request rate Fly allows"
+    )
+    fly_burst: int = Field(default=3, ge=1, description="Burst Fly allows above the rate")
+    fly_get_rate_per_s: float = Field(default=5.0, gt=0, description="Get Machine rate Fly allows")
+    fly_get_burst: int = Field(default=10, ge=1, description="Get Machine burst Fly allows")
+    fly_max_attempts: int = Field(
+        default=5, ge=1, le=20, description="Attempts per idempotent Fly call"
+    )
+
+    # The sandbox machine
+    sandbox_image: str = Field(
+        default="registry.fly.io/sandbox-listener-sandbox:latest",
+        min_length=1,
+        description="Image for sandbox machines (pin by digest in production)",
+    )
+    sandbox_region: str = Field(default="iad", min_length=1, description="Default region")
+    sandbox_allowed_regions: str = Field(
+        default="", description="Comma list of regions a row may ask for (default: only the default)"
+    )
+    sandbox_cpu_kind: CpuKind = Field(default="shared", description="shared | performance")
+    sandbox_cpus: int = Field(default=1, ge=1, le=16, description="vCPUs per sandbox")
+    sandbox_memory_mb: int = Field(
+        default=1024, ge=256, le=32768, description="Memory per sandbox (multiple of 256)"
+    )
+    sandbox_max_memory_mb: int = Field(
+        default=4096, ge=256, le=32768, description="Largest memory a row may ask for"
+    )
+    sandbox_idle_timeout_s: int = Field(
+        default=1800, ge=10, description="Destroy after this long without activity"
+    )
+    sandbox_max_lifetime_s: int = Field(
+        default=14400, ge=60, description="Destroy after this age whatever the activity"
+    )
+    sandbox_smoke_command: str = Field(
+        default="echo Hello from sandbox",
+        description="Command run once a machine starts; empty disables",
+    )
+
+    # Listener tunables
+    listener_sweep_interval_s: float = Field(default=60.0, gt=0, description="Sweeper period")
+    listener_poll_interval_s: float = Field(
+        default=5.0, gt=0, description="Catch-up scan period (Realtime is only a hint)"
+    )
+    listener_concurrency: int = Field(
+        default=16, ge=1, le=1024, description="Concurrent session operations"
+    )
+    listener_lease_s: int = Field(default=120, ge=5, description="Claim lease length")
+    listener_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Provisioning attempts before a row is failed"
+    )
+    listener_shutdown_grace_s: float = Field(
+        default=25.0, ge=0, description="Time in-flight work gets after SIGTERM"
+    )
+    listener_destroy_on_shutdown: bool = Field(
+        default=False, description="Destroy every sandbox on shutdown (single-process setups)"
+    )
+    listener_http_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /healthz, /readyz, /metrics here"
+    )
+    port: int | None = Field(default=None, ge=1, le=65535, description="Platform port (Fly, Heroku)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON unless stderr is a terminal"
+    )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("sandbox_memory_mb", "sandbox_max_memory_mb")
+    @classmethod
+    def _multiple_of_256(cls, value: int) -> int:
+        if value % 256:
+            raise ValueError("must be a multiple of 256")
+        return value
+
+    @property
+    def http_port(self) -> int | None:
+        """The port for health and metrics: LISTENER_HTTP_PORT, else PORT."""
+        return self.listener_http_port or self.port
+
+    @property
+    def allowed_regions(self) -> frozenset[str]:
+        """Regions a row may ask for: the configured list plus the default region."""
+        extra = {r.strip() for r in self.sandbox_allowed_regions.split(",") if r.strip()}
+        return frozenset(extra | {self.sandbox_region})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from a mapping; raise one ConfigError naming every bad variable."""
+        try:
+            return cls.model_validate({k.lower(): v for k, v in env.items()})
+        except ValidationError as exc:
+            raise ConfigError([_describe(err) for err in exc.errors()]) from None
+
+
+def _describe(err: Mapping[str, object]) -> str:
+    """One line per problem: the variable's name and what is wrong, never its value."""
+    loc = err.get("loc") or ("?",)
+    name = str(loc[0]).upper() if isinstance(loc, tuple) else str(loc).upper()
+    if err.get("type") == "missing":
+        return f"{name}: required but not set"
+    return f"{name}: {err.get('msg')}"

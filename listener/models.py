@@ -1,0 +1,107 @@
+"""Domain values: frozen dataclasses and enums for machines, sandboxes, commands and actions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+MANAGED_BY = "sandbox-listener"
+
+
+class MachineState(StrEnum):
+    """Fly Machine states (persistent, transient and terminal) as the API reports them."""
+
+    CREATING = "creating"
+    CREATED = "created"
+    STARTING = "starting"
+    STARTED = "started"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    RESTARTING = "restarting"
+    UPDATING = "updating"
+    REPLACING = "replacing"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    LAUNCH_FAILED = "launch_failed"
+    REPLACED = "replaced"
+    MIGRATED = "migrated"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, value: str | None) -> MachineState:
+        """Map a wire value to a state; anything unrecognised is UNKNOWN, never an exception."""
+        try:
+            return cls(value or "unknown")
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def is_gone(self) -> bool:
+        """The machine no longer exists or is on its way out."""
+        return self in {MachineState.DESTROYING, MachineState.DESTROYED}
+
+    @property
+    def is_young(self) -> bool:
+        """Still coming up: never reap as stale."""
+        return self in {
+            MachineState.CREATING,
+            MachineState.CREATED,
+            MachineState.STARTING,
+            MachineState.REPLACING,
+            MachineState.UPDATING,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """A Fly Machine as the listener needs to see it."""
+
+    id: str
+    state: MachineState
+    region: str
+    instance_id: str
+    name: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    nonce: str | None = None
+
+    @property
+    def session_id(self) -> str | None:
+        """The coding session this machine was created for, from its metadata."""
+        return self.metadata.get("session_id")
+
+    @property
+    def epoch(self) -> int | None:
+        """The claim epoch it was created under, from its metadata."""
+        raw = self.metadata.get("epoch")
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What a command run through Fly's exec API returned (HTTP 200 is not success)."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    exit_signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The command exited 0 and was not killed by a signal."""
+        return self.exit_code == 0 and not self.exit_signal
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A Fly machine lease: the nonce authorises mutating calls while it is held."""
+
+    nonce: str
+    expires_at: int
+    owner: str = ""
+    description: str = ""

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from listener.local.stack import StackThread
 
 from listener.local.postgres import EmbeddedPostgres
 
@@ -29,3 +33,15 @@ def postgres() -> Iterator[EmbeddedPostgres]:
         yield pg
     finally:
         pg.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(postgres: EmbeddedPostgres) -> Iterator[StackThread]:
+    """The whole local stack (REST, Realtime, Fly emulator) on its own loop, sharing `postgres`."""
+    from listener.local.stack import LocalStack, StackThread
+
+    running = StackThread(LocalStack(postgres=postgres))
+    try:
+        yield running
+    finally:
+        running.close()

@@ -105,3 +105,78 @@ class Lease:
     expires_at: int
     owner: str = ""
     description: str = ""
+
+
+class SessionStatus(StrEnum):
+    """What the app wants: a live session or an ended one."""
+
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+class SandboxState(StrEnum):
+    """Where the session's sandbox is in its life (written only by the listener)."""
+
+    REQUESTED = "requested"
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    STOPPING = "stopping"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        """No machine is wanted or expected any more."""
+        return self in {SandboxState.DESTROYED, SandboxState.FAILED}
+
+
+class StopReason(StrEnum):
+    """Why a sandbox was torn down (the row's sandbox_stop_reason)."""
+
+    ENDED = "ended"
+    DELETED = "deleted"
+    IDLE = "idle"
+    MAX_AGE = "max_age"
+    LOST = "lost"
+    SHUTDOWN = "shutdown"
+    OPERATOR = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A coding_sessions row as the listener reads it."""
+
+    id: str
+    user_id: str
+    status: SessionStatus
+    state: SandboxState
+    epoch: int
+    attempts: int = 0
+    created_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    sandbox_id: str | None = None
+    region: str | None = None
+    error: str | None = None
+    claimed_by: str | None = None
+    lease_expires_at: datetime | None = None
+    ready_at: datetime | None = None
+    deadline_at: datetime | None = None
+    expires_at: datetime | None = None
+    stop_reason: str | None = None
+    requested_region: str | None = None
+    requested_memory_mb: int | None = None
+    requested_cpus: int | None = None
+
+    def claimed_by_me(self, owner: str, epoch: int | None = None) -> bool:
+        """Whether `owner` holds this row's claim (at `epoch`, when given)."""
+        return self.claimed_by == owner and (epoch is None or self.epoch == epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSpec:
+    """What to ask Fly for: a validated region and guest size."""
+
+    region: str
+    cpu_kind: str
+    cpus: int
+    memory_mb: int

@@ -1,0 +1,199 @@
+"""The `sandbox-listener` command line: parse arguments, call the right part, print the outcome."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from listener import __version__
+
+EPILOG = """\
+examples:
+  sandbox-listener dev                      local stack + listener; shows sessions as they change
+  sandbox-listener dev --demo               one session end to end, then exit
+  sandbox-listener local up --env-file .env stack only; writes URLs and keys to .env
+  sandbox-listener run                      production worker (settings from the environment)
+
+Every setting is an environment variable; see .env.example or `sandbox-listener doctor`.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree, with help text for every command and option."""
+    parser = argparse.ArgumentParser(
+        prog="sandbox-listener",
+        description="Turns Supabase coding_sessions rows into Fly.io sandbox Machines.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    local = commands.add_parser("local", help="the embedded local stack (no cloud, no Docker)")
+    local_commands = local.add_subparsers(dest="local_command", metavar="ACTION", required=True)
+    up = local_commands.add_parser(
+        "up",
+        help="start Postgres, REST, Realtime and the Fly emulator on 127.0.0.1 until Ctrl-C",
+        description="Start the local stack in the foreground and print its URLs and keys.",
+    )
+    _add_stack_options(up)
+
+    token = local_commands.add_parser(
+        "token",
+        help="print a user JWT for the running stack (creates the user if needed)",
+        description="Sign an access token for a test user with the stack's JWT secret. Reads "
+        "SUPABASE_JWT_SECRET and SUPABASE_DB_URL from --env-file or the environment.",
+    )
+    token.add_argument("--env-file", type=Path, help="env file written by `local up --env-file`")
+    token.add_argument("--email", default="dev@example.com", help="the user (default: %(default)s)")
+    token.add_argument("--ttl-s", type=int, default=86400, help="lifetime (default: %(default)s)")
+
+    fly = local_commands.add_parser(
+        "fly",
+        help="run only the Fly Machines emulator",
+        description="Serve the Fly Machines API emulator on 127.0.0.1 until Ctrl-C.",
+    )
+    fly.add_argument("--port", type=int, default=54329, help="port (default: %(default)s)")
+    fly.add_argument("--token", default=None, help="bearer token it accepts (default: random)")
+    fly.add_argument("--app", default="sandbox-local", help="app name (default: %(default)s)")
+    return parser
+
+
+def _add_stack_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--env-file", type=Path, help="write the URLs and keys here once ready")
+    cmd.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the database here between runs (default: a temporary dir removed on exit)",
+    )
+    cmd.add_argument("--port", type=int, default=54321, help="API port (default: %(default)s)")
+    cmd.add_argument("--db-port", type=int, default=None, help="Postgres port (default: any free)")
+    cmd.add_argument("--fly-port", type=int, default=54329, help="Fly port (default: %(default)s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `sandbox-listener` and `python -m listener`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "local":
+        if args.local_command == "up":
+            return asyncio.run(_local_up(args))
+        if args.local_command == "token":
+            return _local_token(args)
+        if args.local_command == "fly":
+            return asyncio.run(_local_fly(args))
+    raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a command
+
+
+async def _local_up(args: argparse.Namespace) -> int:
+    from listener.local import keys
+    from listener.local.stack import DEV_USER_EMAIL, LocalStack, StackError, create_user
+    from listener.logs import configure_logging
+
+    configure_logging("warning", "console")
+    started = time.monotonic()
+    stack = LocalStack(
+        data_dir=args.data_dir, api_port=args.port, db_port=args.db_port, fly_port=args.fly_port
+    )
+    try:
+        info = await stack.__aenter__()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        user_id = create_user(info.db_url, DEV_USER_EMAIL)
+        user_jwt = keys.user_token(info.jwt_secret, user_id, DEV_USER_EMAIL, ttl_s=86400)
+        elapsed = time.monotonic() - started
+        _print_stack(info.env(), user_jwt, elapsed)
+        if args.env_file:
+            info.write_env_file(args.env_file)
+            print(f"Wrote {args.env_file}.")
+        print("Press Ctrl-C to stop.", flush=True)
+        await _wait_for_signal()
+        print("Stopping...", flush=True)
+    finally:
+        await stack.stop()
+    return 0
+
+
+def _print_stack(env: dict[str, str], user_jwt: str, elapsed_s: float) -> None:
+    url = env["SUPABASE_URL"]
+    rows = [
+        ("API URL", url),
+        ("REST URL", f"{url}/rest/v1"),
+        ("Realtime URL", url.replace("http", "ws", 1) + "/realtime/v1"),
+        ("DB URL", env["SUPABASE_DB_URL"]),
+        ("JWT secret", env["SUPABASE_JWT_SECRET"]),
+        ("anon key", env["SUPABASE_ANON_KEY"]),
+        ("service_role key", env["SUPABASE_SERVICE_ROLE_KEY"]),
+        ("Fly API URL", env["FLY_API_HOSTNAME"]),
+        ("Fly app name", env["FLY_APP_NAME"]),
+        ("Fly API token", env["FLY_API_TOKEN"]),
+        ("user JWT (dev@example.com, 24 h)", user_jwt),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"Local stack started in {elapsed_s:.1f} s.\n")
+    for name, value in rows:
+        print(f"{name:>{width}}: {value}")
+    print()
+
+
+def _local_token(args: argparse.Namespace) -> int:
+    from listener.local import keys
+    from listener.local.stack import create_user
+
+    env = dict(os.environ)
+    if args.env_file:
+        env.update(_read_env_file(args.env_file))
+    missing = [k for k in ("SUPABASE_JWT_SECRET", "SUPABASE_DB_URL") if not env.get(k)]
+    if missing:
+        print(f"error: {', '.join(missing)} not set; pass --env-file", file=sys.stderr)
+        return 2
+    user_id = create_user(env["SUPABASE_DB_URL"], args.email)
+    print(keys.user_token(env["SUPABASE_JWT_SECRET"], user_id, args.email, ttl_s=args.ttl_s))
+    return 0
+
+
+async def _local_fly(args: argparse.Namespace) -> int:
+    from listener.local import keys
+    from listener.local.fly_emulator import EmulatorOptions, FlyEmulator
+
+    token = args.token or keys.new_secret()
+    emulator = FlyEmulator(EmulatorOptions(token=token, app_name=args.app))
+    await emulator.start(port=args.port)
+    try:
+        print(f"FLY_API_HOSTNAME={emulator.url}\nFLY_APP_NAME={args.app}\nFLY_API_TOKEN={token}")
+        print("Press Ctrl-C to stop.", flush=True)
+        await _wait_for_signal()
+    finally:
+        await emulator.stop()
+    return 0
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments ignored."""
+    pairs: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+async def _wait_for_signal() -> None:
+    """Return on SIGINT or SIGTERM; the handlers only set an event."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

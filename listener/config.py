@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     )
 
     # Fly
-    fly_api_token: SecretStr = Field(description="Fly API token (deploy or org token); never logged")
+    fly_api_token: SecretStr = Field(
+        description="Fly API token (deploy or org token); never logged"
+    )
     fly_app_name: str = Field(min_length=1, description="Fly app that holds the sandbox machines")
     fly_api_hostname: AnyHttpUrl = Field(
         default=AnyHttpUrl("https://api.machines.dev"),
@@ -49,7 +51,8 @@ class Settings(BaseSettings):
     )
     sandbox_region: str = Field(default="iad", min_length=1, description="Default region")
     sandbox_allowed_regions: str = Field(
-        default="", description="Comma list of regions a row may ask for (default: only the default)"
+        default="",
+        description="Comma list of other regions a row may ask for",
     )
     sandbox_cpu_kind: CpuKind = Field(default="shared", description="shared | performance")
     sandbox_cpus: int = Field(default=1, ge=1, le=16, description="vCPUs per sandbox")
@@ -91,7 +94,9 @@ class Settings(BaseSettings):
     listener_http_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve /healthz, /readyz, /metrics here"
     )
-    port: int | None = Field(default=None, ge=1, le=65535, description="Platform port (Fly, Heroku)")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Platform port (Fly, Heroku)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: JSON unless stderr is a terminal"

@@ -156,6 +156,7 @@ class EmbeddedPostgres:
             from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
 
         entry = ensure_user_exists(SYSTEM_USER)
+        assert entry is not None  # useradd succeeded or raised
         ensure_prefix_permissions(pgdata)
         os.chown(pgdata, entry.pw_uid, entry.pw_gid)
         os.chmod(pgdata, 0o700)
@@ -163,7 +164,9 @@ class EmbeddedPostgres:
     def _bin(self, name: str) -> str:
         spec = importlib.util.find_spec("pgserver")
         if spec is None or spec.origin is None:
-            raise PostgresStartError("pgserver is not installed: pip install 'sandbox-listener[local]'")
+            raise PostgresStartError(
+                "pgserver is not installed: pip install 'sandbox-listener[local]'"
+            )
         return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
 
     def _user_kw(self) -> dict[str, str]:
@@ -171,9 +174,21 @@ class EmbeddedPostgres:
 
     def _initdb(self, pgdata: Path) -> None:
         result = subprocess.run(
-            [self._bin("initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-             "--encoding=UTF8", "--locale=C", "--no-sync"],
-            capture_output=True, text=True, check=False, **self._user_kw(),  # type: ignore[call-overload]  # user= is str
+            [
+                self._bin("initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            **self._user_kw(),  # type: ignore[call-overload]  # user= is str
         )
         if result.returncode != 0:
             raise PostgresStartError(f"initdb failed: {result.stderr.strip()}")

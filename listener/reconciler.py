@@ -1,0 +1,302 @@
+"""The state machine: given a row, the observed machines and `now`, what to do. No I/O, no await."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import assert_never
+
+from listener.config import Settings
+from listener.errors import (
+    FlyCapacityError,
+    FlyClientError,
+    FlyConflictError,
+    FlyError,
+    FlyNotFoundError,
+    FlyOutcomeUnknownError,
+    FlyRateLimitedError,
+    FlyServerError,
+    FlyTimeoutError,
+    FlyUnavailableError,
+    StoreError,
+)
+from listener.models import (
+    Machine,
+    MachineSpec,
+    MachineState,
+    SandboxState,
+    Session,
+    SessionStatus,
+    StopReason,
+)
+
+SHARED_MB_PER_CPU = 2048  # Fly: shared CPUs take 256..2048 MB each
+PERFORMANCE_MB_PER_CPU = 8192
+ALLOWED_CPUS = (1, 2, 4, 8, 16)
+CLOCK_SKEW_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The settings the decisions depend on, as plain values."""
+
+    default_region: str
+    allowed_regions: frozenset[str]
+    cpu_kind: str
+    cpus: int
+    memory_mb: int
+    max_memory_mb: int
+    max_attempts: int
+    idle_timeout_s: int
+    max_lifetime_s: int
+    retry_base_s: float = 5.0
+    retry_max_s: float = 300.0
+    orphan_grace_s: float = 120.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        """The policy a running listener applies."""
+        return cls(
+            default_region=settings.sandbox_region,
+            allowed_regions=settings.allowed_regions,
+            cpu_kind=settings.sandbox_cpu_kind,
+            cpus=settings.sandbox_cpus,
+            memory_mb=settings.sandbox_memory_mb,
+            max_memory_mb=settings.sandbox_max_memory_mb,
+            max_attempts=settings.listener_max_attempts,
+            idle_timeout_s=settings.sandbox_idle_timeout_s,
+            max_lifetime_s=settings.sandbox_max_lifetime_s,
+            orphan_grace_s=max(60.0, 2 * settings.listener_sweep_interval_s),
+        )
+
+
+# -- what to do with a claimed session ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Provision:
+    """Create (or adopt) a machine of this spec, wait for it, smoke-test it, mark ready."""
+
+    spec: MachineSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Teardown:
+    """Destroy the session's machine and mark the row destroyed."""
+
+    reason: StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The row asks for something not allowed: fail it for good with this sentence."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Nothing is due: hand the claim back."""
+
+
+Decision = Provision | Teardown | Reject | Release
+
+
+def decide(session: Session, now: datetime, policy: Policy) -> Decision:
+    """The next step for a session this process has claimed."""
+    state = session.state
+    if state.is_final:
+        return Release()
+    if session.status is SessionStatus.ENDED:
+        return Teardown(StopReason.ENDED)
+    match state:
+        case SandboxState.STOPPING:
+            return Teardown(_stop_reason(session.stop_reason))
+        case SandboxState.READY:
+            reason = expiry_reason(session, now)
+            return Teardown(reason) if reason else Release()
+        case SandboxState.REQUESTED | SandboxState.PROVISIONING:
+            spec = machine_spec(session, policy)
+            return Reject(spec) if isinstance(spec, str) else Provision(spec)
+        case SandboxState.DESTROYED | SandboxState.FAILED:  # pragma: no cover - is_final above
+            return Release()
+        case _:
+            assert_never(state)
+
+
+def expiry_reason(session: Session, now: datetime) -> StopReason | None:
+    """Why a ready sandbox is due for reaping now, if it is (expires_at is kept by the DB)."""
+    if session.expires_at is None or session.expires_at > now + timedelta(seconds=CLOCK_SKEW_S):
+        return None
+    if session.deadline_at is not None and session.deadline_at <= session.expires_at:
+        return StopReason.MAX_AGE
+    return StopReason.IDLE
+
+
+def _stop_reason(raw: str | None) -> StopReason:
+    try:
+        return StopReason(raw or StopReason.OPERATOR)
+    except ValueError:
+        return StopReason.OPERATOR
+
+
+def machine_spec(session: Session, policy: Policy) -> MachineSpec | str:
+    """The region and size to create, or one sentence naming everything wrong with the request."""
+    problems: list[str] = []
+    region = session.requested_region or policy.default_region
+    if region not in policy.allowed_regions:
+        allowed = ", ".join(sorted(policy.allowed_regions))
+        problems.append(f"region {region!r} is not allowed (allowed: {allowed})")
+    cpus = session.requested_cpus or policy.cpus
+    if cpus not in ALLOWED_CPUS or cpus > max(policy.cpus, 8):
+        problems.append(f"cpus {cpus} is not one of {', '.join(map(str, ALLOWED_CPUS[:4]))}")
+    memory_mb = session.requested_memory_mb or policy.memory_mb
+    per_cpu = SHARED_MB_PER_CPU if policy.cpu_kind == "shared" else PERFORMANCE_MB_PER_CPU
+    ceiling = min(policy.max_memory_mb, per_cpu * max(cpus, 1))
+    if memory_mb < 256 or memory_mb % 256 or memory_mb > ceiling:
+        problems.append(
+            f"memory_mb {memory_mb} must be a multiple of 256 between 256 and {ceiling}"
+        )
+    if problems:
+        return "Requested sandbox is invalid: " + "; ".join(problems) + ". Start a new session."
+    return MachineSpec(region=region, cpu_kind=policy.cpu_kind, cpus=cpus, memory_mb=memory_mb)
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+class SmokeTestError(Exception):
+    """The machine started but the smoke command did not succeed."""
+
+    def __init__(self, exit_code: int, output: str) -> None:
+        self.exit_code = exit_code
+        self.output = output
+        super().__init__(f"smoke command exited {exit_code}: {output[:200]}")
+
+
+def retry_delay_s(attempts: int, error: BaseException, policy: Policy) -> float | None:
+    """Seconds until the next provisioning attempt, or None to fail the row for good."""
+    if is_permanent(error) or attempts >= policy.max_attempts:
+        return None
+    return float(min(policy.retry_base_s * 2 ** max(attempts - 1, 0), policy.retry_max_s))
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Errors that another attempt with the same request cannot fix (Fly rejected the request)."""
+    transient = FlyNotFoundError | FlyConflictError | FlyRateLimitedError | FlyCapacityError
+    return isinstance(error, FlyClientError) and not isinstance(error, transient)
+
+
+def failure_message(error: BaseException, spec: MachineSpec | None = None) -> str:
+    """A sentence a person can act on, for the row's sandbox_error."""
+    where = f" ({spec.cpus}x{spec.cpu_kind} {spec.memory_mb} MB in {spec.region})" if spec else ""
+    match error:
+        case FlyCapacityError():
+            return f"Fly has no capacity for this sandbox{where}; try another region or size."
+        case FlyRateLimitedError():
+            return "Fly rate-limited the listener; it will retry."
+        case FlyOutcomeUnknownError() | FlyTimeoutError():
+            return f"Fly did not confirm the machine in time{where}: {error.message}."
+        case FlyServerError() | FlyUnavailableError():
+            return f"Fly's API failed ({error.message}); the listener will retry."
+        case FlyClientError():
+            return (
+                f"Fly rejected the sandbox{where}: {error.message}. Check SANDBOX_IMAGE and size."
+            )
+        case FlyError():
+            return f"Fly error: {error.message}."
+        case SmokeTestError():
+            return (
+                f"The sandbox started but the smoke command exited {error.exit_code}: "
+                f"{error.output.strip()[:200]}. Check the image or SANDBOX_SMOKE_COMMAND."
+            )
+        case StoreError():
+            return f"Supabase call failed: {error}."
+        case TimeoutError():
+            return f"The machine did not start in time{where}."
+        case _:
+            return f"Unexpected error: {type(error).__name__}: {error}"
+
+
+# -- the sweeper's three-way reconcile ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyOrphan:
+    """A managed machine that no live session owns: destroy it."""
+
+    machine_id: str
+    session_id: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverLost:
+    """A ready session whose machine is gone: re-provision (or fail when out of attempts)."""
+
+    session_id: str
+    machine_id: str
+
+
+SweepAction = DestroyOrphan | RecoverLost
+
+
+def reconcile(
+    machines: Iterable[Machine],
+    sessions: Mapping[str, Session],
+    live: Iterable[Session],
+    now: datetime,
+    policy: Policy,
+) -> list[SweepAction]:
+    """Compare Fly's inventory with the rows; `sessions` holds the rows the machines name."""
+    actions: list[SweepAction] = []
+    present: set[str] = set()
+    for machine in machines:
+        if machine.state.is_gone:
+            continue
+        present.add(machine.id)
+        reason = orphan_reason(machine, sessions.get(machine.session_id or ""), now, policy)
+        if reason:
+            actions.append(DestroyOrphan(machine.id, machine.session_id, reason))
+    for session in live:
+        if (
+            session.state is SandboxState.READY
+            and session.sandbox_id
+            and session.sandbox_id not in present
+        ):
+            actions.append(RecoverLost(session.id, session.sandbox_id))
+    return actions
+
+
+def orphan_reason(
+    machine: Machine, session: Session | None, now: datetime, policy: Policy
+) -> str | None:
+    """Why this managed machine should not exist, or None to leave it alone."""
+    if machine.state.is_young or _age_s(machine, now) < policy.orphan_grace_s:
+        return None
+    if session is None:
+        return "session missing"
+    if session.state.is_final:
+        return f"session {session.state.value}"
+    if machine.id == session.sandbox_id:
+        return None
+    if machine.epoch is not None and machine.epoch < session.epoch:
+        return "older epoch"
+    return None
+
+
+def _age_s(machine: Machine, now: datetime) -> float:
+    if machine.created_at is None:
+        return 0.0
+    return (now - machine.created_at).total_seconds()
+
+
+def is_machine_lost(machine: Machine | None) -> bool:
+    """A confirmed observation that the machine no longer runs (not merely missing from a list)."""
+    return machine is None or machine.state in {
+        MachineState.DESTROYED,
+        MachineState.DESTROYING,
+        MachineState.FAILED,
+        MachineState.STOPPED,
+    }

@@ -1,0 +1,295 @@
+"""The reconciler's decisions as tables of plain values: row, machines, now -> action."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from listener.errors import (
+    FlyCapacityError,
+    FlyClientError,
+    FlyOutcomeUnknownError,
+    FlyServerError,
+)
+from listener.models import Machine, MachineSpec, MachineState, SandboxState, Session, SessionStatus
+from listener.models import StopReason as R
+from listener.reconciler import (
+    DestroyOrphan,
+    Policy,
+    Provision,
+    RecoverLost,
+    Reject,
+    Release,
+    SmokeTestError,
+    Teardown,
+    decide,
+    failure_message,
+    is_permanent,
+    machine_spec,
+    reconcile,
+    retry_delay_s,
+)
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+POLICY = Policy(
+    default_region="iad",
+    allowed_regions=frozenset({"iad", "ord"}),
+    cpu_kind="shared",
+    cpus=1,
+    memory_mb=1024,
+    max_memory_mb=4096,
+    max_attempts=3,
+    idle_timeout_s=1800,
+    max_lifetime_s=14400,
+    orphan_grace_s=120,
+)
+SPEC = MachineSpec(region="iad", cpu_kind="shared", cpus=1, memory_mb=1024)
+
+
+def session(**kw: object) -> Session:
+    base = Session(
+        id="s1",
+        user_id="u1",
+        status=SessionStatus.ACTIVE,
+        state=SandboxState.REQUESTED,
+        epoch=3,
+        created_at=NOW - timedelta(minutes=5),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]  # test helper
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        pytest.param(session(), Provision(SPEC), id="requested->provision"),
+        pytest.param(
+            session(state=SandboxState.PROVISIONING, sandbox_id="m1"),
+            Provision(SPEC),
+            id="provisioning(resumed)->provision",
+        ),
+        pytest.param(
+            session(requested_region="ord", requested_memory_mb=2048, requested_cpus=2),
+            Provision(MachineSpec("ord", "shared", 2, 2048)),
+            id="requested-size-within-limits",
+        ),
+        pytest.param(
+            session(status=SessionStatus.ENDED), Teardown(R.ENDED), id="requested+ended->teardown"
+        ),
+        pytest.param(
+            session(state=SandboxState.READY, status=SessionStatus.ENDED, sandbox_id="m1"),
+            Teardown(R.ENDED),
+            id="ready+ended->teardown",
+        ),
+        pytest.param(
+            session(state=SandboxState.READY, sandbox_id="m1", expires_at=NOW + timedelta(hours=1)),
+            Release(),
+            id="ready-not-due->release",
+        ),
+        pytest.param(
+            session(
+                state=SandboxState.READY,
+                sandbox_id="m1",
+                expires_at=ago(1),
+                deadline_at=NOW + timedelta(hours=1),
+            ),
+            Teardown(R.IDLE),
+            id="ready-idle->teardown-idle",
+        ),
+        pytest.param(
+            session(
+                state=SandboxState.READY, sandbox_id="m1", expires_at=ago(1), deadline_at=ago(1)
+            ),
+            Teardown(R.MAX_AGE),
+            id="ready-past-deadline->teardown-max-age",
+        ),
+        pytest.param(
+            session(state=SandboxState.STOPPING, sandbox_id="m1", stop_reason="idle"),
+            Teardown(R.IDLE),
+            id="stopping(resumed)->teardown-same-reason",
+        ),
+        pytest.param(
+            session(state=SandboxState.STOPPING, stop_reason="nonsense"),
+            Teardown(R.OPERATOR),
+            id="stopping-unknown-reason->operator",
+        ),
+        pytest.param(session(state=SandboxState.DESTROYED), Release(), id="destroyed->release"),
+        pytest.param(session(state=SandboxState.FAILED), Release(), id="failed->release"),
+    ],
+)
+def test_decide(row: Session, expected: object) -> None:
+    assert decide(row, NOW, POLICY) == expected
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragments"),
+    [
+        pytest.param(
+            {"requested_region": "xyz"}, ["region 'xyz' is not allowed", "iad, ord"], id="region"
+        ),
+        pytest.param(
+            {"requested_memory_mb": 1000}, ["memory_mb 1000", "multiple of 256"], id="mem-not-256"
+        ),
+        pytest.param(
+            {"requested_memory_mb": 8192},
+            ["memory_mb 8192", "between 256 and 2048"],
+            id="mem-too-big",
+        ),
+        pytest.param({"requested_cpus": 3}, ["cpus 3"], id="cpus"),
+        pytest.param(
+            {"requested_region": "xyz", "requested_cpus": 3},
+            ["region 'xyz'", "cpus 3"],
+            id="every-problem-named",
+        ),
+    ],
+)
+def test_bad_request_is_rejected_with_every_problem_named(
+    kw: dict[str, object], fragments: list[str]
+) -> None:
+    decision = decide(session(**kw), NOW, POLICY)
+    assert isinstance(decision, Reject)
+    for fragment in fragments:
+        assert fragment in decision.error
+    assert decision.error.endswith("Start a new session.")
+
+
+def test_machine_spec_defaults_come_from_policy() -> None:
+    assert machine_spec(session(), POLICY) == SPEC
+
+
+@pytest.mark.parametrize(
+    ("attempts", "error", "expected"),
+    [
+        pytest.param(1, FlyServerError("boom", status=503), 5.0, id="first-retry-base"),
+        pytest.param(2, FlyCapacityError("full", status=422), 10.0, id="capacity-doubles"),
+        pytest.param(3, FlyServerError("boom", status=503), None, id="out-of-attempts"),
+        pytest.param(1, FlyClientError("bad image", status=422), None, id="permanent-4xx"),
+        pytest.param(1, SmokeTestError(1, "no bash"), 5.0, id="smoke-retried"),
+        pytest.param(1, FlyOutcomeUnknownError("408"), 5.0, id="outcome-unknown-retried"),
+    ],
+)
+def test_retry_delay(attempts: int, error: Exception, expected: float | None) -> None:
+    assert retry_delay_s(attempts, error, POLICY) == expected
+
+
+def test_retry_delay_is_capped() -> None:
+    policy = replace(POLICY, max_attempts=50, retry_max_s=60)
+    assert retry_delay_s(20, FlyServerError("x"), policy) == 60
+
+
+def test_permanent_errors_are_fly_rejections_only() -> None:
+    assert is_permanent(FlyClientError("bad", status=400))
+    assert not is_permanent(FlyCapacityError("full"))
+    assert not is_permanent(FlyServerError("x"))
+    assert not is_permanent(TimeoutError())
+
+
+@pytest.mark.parametrize(
+    ("error", "fragment"),
+    [
+        (FlyCapacityError("full"), "no capacity for this sandbox (1xshared 1024 MB in iad)"),
+        (FlyClientError("image not found", status=422), "Check SANDBOX_IMAGE"),
+        (SmokeTestError(127, "bash: not found\n"), "smoke command exited 127: bash: not found"),
+        (FlyServerError("internal", status=500), "the listener will retry"),
+        (TimeoutError(), "did not start in time"),
+    ],
+)
+def test_failure_messages_are_actionable(error: Exception, fragment: str) -> None:
+    assert fragment in failure_message(error, SPEC)
+
+
+def machine(
+    mid: str,
+    session_id: str | None,
+    *,
+    epoch: int = 3,
+    age_s: float = 600,
+    state: MachineState = MachineState.STARTED,
+) -> Machine:
+    meta = {"managed_by": "sandbox-listener", "epoch": str(epoch)}
+    if session_id:
+        meta["session_id"] = session_id
+    return Machine(
+        id=mid, state=state, region="iad", instance_id="i", metadata=meta, created_at=ago(age_s)
+    )
+
+
+READY = session(state=SandboxState.READY, sandbox_id="m1", epoch=3)
+
+
+@pytest.mark.parametrize(
+    ("machines", "sessions", "expected"),
+    [
+        pytest.param([machine("m1", "s1")], {"s1": READY}, [], id="owned-machine-kept"),
+        pytest.param(
+            [machine("m9", "gone")],
+            {},
+            [DestroyOrphan("m9", "gone", "session missing")],
+            id="session-missing->destroy",
+        ),
+        pytest.param(
+            [machine("m9", None)],
+            {},
+            [DestroyOrphan("m9", None, "session missing")],
+            id="untagged-managed->destroy",
+        ),
+        pytest.param(
+            [machine("m1", "s1")],
+            {"s1": replace(READY, state=SandboxState.DESTROYED)},
+            [DestroyOrphan("m1", "s1", "session destroyed")],
+            id="final-session->destroy",
+        ),
+        pytest.param(
+            [machine("m1", "s1")],
+            {"s1": replace(READY, state=SandboxState.FAILED)},
+            [DestroyOrphan("m1", "s1", "session failed")],
+            id="failed-session->destroy",
+        ),
+        pytest.param(
+            [machine("m1", "s1"), machine("m0", "s1", epoch=2)],
+            {"s1": READY},
+            [DestroyOrphan("m0", "s1", "older epoch")],
+            id="superseded-attempt->destroy",
+        ),
+        pytest.param(
+            [machine("m1", "s1"), machine("m2", "s1", epoch=3)],
+            {"s1": READY},
+            [],
+            id="same-epoch-unrecorded-kept",
+        ),
+        pytest.param([machine("m9", "gone", age_s=30)], {}, [], id="young-by-age-kept"),
+        pytest.param(
+            [machine("m9", "gone", state=MachineState.CREATED)], {}, [], id="created-state-kept"
+        ),
+        pytest.param(
+            [machine("m9", "gone", state=MachineState.REPLACING)], {}, [], id="replacing-state-kept"
+        ),
+        pytest.param(
+            [machine("m9", "gone", state=MachineState.DESTROYED)], {}, [], id="destroyed-ignored"
+        ),
+        pytest.param(
+            [], {"s1": READY}, [RecoverLost("s1", "m1")], id="ready-without-machine->lost"
+        ),
+        pytest.param(
+            [machine("m1", "s1", state=MachineState.DESTROYING)],
+            {"s1": READY},
+            [RecoverLost("s1", "m1")],
+            id="ready-machine-destroying->lost",
+        ),
+    ],
+)
+def test_reconcile(
+    machines: list[Machine], sessions: dict[str, Session], expected: list[object]
+) -> None:
+    live = [s for s in sessions.values() if not s.state.is_final]
+    assert reconcile(machines, sessions, live, NOW, POLICY) == expected
+
+
+def test_reconcile_ignores_provisioning_rows_without_machine() -> None:
+    provisioning = session(state=SandboxState.PROVISIONING, sandbox_id="m1")
+    assert reconcile([], {"s1": provisioning}, [provisioning], NOW, POLICY) == []

@@ -1,4 +1,4 @@
-"""JWTs for the local stack: the anon and service-role keys and user tokens, HS256 with one secret."""
+"""JWTs for the local stack: anon and service-role keys and user tokens (HS256, one secret)."""
 
 from __future__ import annotations
 

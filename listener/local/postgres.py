@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL (pgserver's binaries) with logical WAL, a Supabase bootstrap and migrations."""
+"""Embedded PostgreSQL (pgserver's binaries): logical WAL, a Supabase bootstrap, migrations."""
 
 from __future__ import annotations
 
@@ -120,8 +120,8 @@ class EmbeddedPostgres:
                 with conn.transaction():
                     conn.execute(sql.encode())
                     conn.execute(
-                        "insert into supabase_migrations.schema_migrations(version, name, statements)"
-                        " values (%s, %s, array[%s])",
+                        "insert into supabase_migrations.schema_migrations"
+                        "(version, name, statements) values (%s, %s, array[%s])",
                         (version, name, sql),
                     )
                 applied.append(path.name)

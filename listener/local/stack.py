@@ -1,4 +1,4 @@
-"""The local stack's runner: Postgres, the Supabase-shaped API server and the Fly emulator, wired."""
+"""The local stack's runner: Postgres, the Supabase-shaped API server and the Fly emulator."""
 
 from __future__ import annotations
 

@@ -32,7 +32,9 @@ class FlyError(ListenerError):
         self.request_id = request_id
         self.message = message
         detail = ", ".join(
-            f"{k}={v}" for k, v in (("status", status), ("code", code), ("request_id", request_id)) if v
+            f"{k}={v}"
+            for k, v in (("status", status), ("code", code), ("request_id", request_id))
+            if v
         )
         super().__init__(f"{message} ({detail})" if detail else message)
 
@@ -73,6 +75,18 @@ class FlyUnavailableError(FlyError):
     """Fly could not be reached (transport failure after retries) or answered unparseably."""
 
 
+class FlyConnectError(FlyUnavailableError):
+    """Fly could not be reached before the request was sent (connect/DNS/pool): safe to repeat."""
+
+
+class FlyStateError(FlyError):
+    """The machine reached `state`, from which the awaited state can no longer be reached."""
+
+    def __init__(self, message: str, *, state: str, **kw: object) -> None:
+        self.state = state
+        super().__init__(message, **kw)  # type: ignore[arg-type]  # kw are FlyError's keywords
+
+
 class FlyOutcomeUnknownError(FlyError):
     """A create may or may not have happened (timeout/5xx after sending): adopt by metadata."""
 
@@ -89,8 +103,18 @@ def is_retryable(exc: BaseException) -> bool:
     """Whether a failed idempotent call may be repeated as it is."""
     return isinstance(
         exc,
-        FlyRateLimitedError
-        | FlyServerError
-        | FlyUnavailableError
-        | FlyTimeoutError,
+        FlyRateLimitedError | FlyServerError | FlyUnavailableError | FlyTimeoutError,
     )
+
+
+class ClaimLostError(ListenerError):
+    """This process no longer holds the session's claim (another epoch took over)."""
+
+    def __init__(self, session_id: str, epoch: int) -> None:
+        self.session_id = session_id
+        self.epoch = epoch
+        super().__init__(f"claim on session {session_id} at epoch {epoch} was lost")
+
+
+class SessionGoneError(ClaimLostError):
+    """The session's row no longer exists (deleted while being worked on)."""

@@ -1,1 +1,1 @@
-"""The local stack: embedded Postgres with a Supabase bootstrap, REST/Realtime gateways, Fly emulator."""
+"""The local stack: Postgres + Supabase bootstrap, REST and Realtime gateways, Fly emulator."""

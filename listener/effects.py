@@ -1,0 +1,323 @@
+"""The controller's hands: claim a session, then apply the decision through Fly and the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+
+from listener.errors import (
+    ClaimLostError,
+    FlyError,
+    FlyNotFoundError,
+    FlyOutcomeUnknownError,
+    SessionGoneError,
+)
+from listener.fly import machine_config
+from listener.metrics import Metrics
+from listener.models import (
+    MANAGED_BY,
+    ExecResult,
+    Machine,
+    MachineSpec,
+    MachineState,
+    SandboxState,
+    Session,
+    StopReason,
+)
+from listener.reconciler import (
+    Policy,
+    Provision,
+    Reject,
+    Release,
+    SmokeTestError,
+    Teardown,
+    decide,
+    failure_message,
+    retry_delay_s,
+)
+
+log = structlog.get_logger(component="effects")
+
+ADOPT_DELAYS_S = (0.5, 1.0, 2.0)  # Fly lists lag behind creates
+SMOKE_TIMEOUT_S = 30
+
+
+class MachineApi(Protocol):
+    """What the controller needs from Fly (FlyClient satisfies it)."""
+
+    async def create_machine(
+        self, config: Mapping[str, object], *, region: str | None
+    ) -> Machine: ...
+    async def get_machine(self, machine_id: str) -> Machine: ...
+    async def list_machines(
+        self, *, metadata: Mapping[str, str] | None = None
+    ) -> list[Machine]: ...
+    async def wait_for_state(
+        self, machine_id: str, state: str = ..., *, timeout_s: float
+    ) -> Machine: ...
+    async def destroy(self, machine_id: str, *, force: bool = True) -> None: ...
+    async def exec(
+        self, machine_id: str, argv: Sequence[str], *, stdin: str | None = None, timeout_s: int
+    ) -> ExecResult: ...
+
+
+class SandboxRepo(Protocol):
+    """What the controller needs from the store (SandboxStore satisfies it)."""
+
+    owner: str
+
+    async def claim(
+        self, session_id: str, lease_s: int, *, force: bool = False
+    ) -> Session | None: ...
+    async def renew(self, s: Session, lease_s: int) -> Session: ...
+    async def release(self, s: Session) -> Session: ...
+    async def begin_provision(self, s: Session, max_lifetime_s: int) -> Session: ...
+    async def set_machine(self, s: Session, machine_id: str, region: str) -> Session: ...
+    async def mark_ready(self, s: Session, idle_timeout_s: int) -> Session: ...
+    async def mark_failed(self, s: Session, error: str, retry_after_s: float | None) -> Session: ...
+    async def begin_stop(self, s: Session, reason: str) -> Session: ...
+    async def mark_destroyed(self, s: Session) -> Session: ...
+    async def record_event(
+        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+    ) -> None: ...
+
+
+def utcnow() -> datetime:
+    """The wall clock, timezone-aware."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class Controller:
+    """Handles one session at a time per call: claim, decide, act, record; idempotent throughout."""
+
+    fly: MachineApi
+    store: SandboxRepo
+    policy: Policy
+    image: str
+    smoke_command: str = "echo Hello from sandbox"
+    lease_s: int = 120
+    start_timeout_s: float = 300.0
+    metrics: Metrics = field(default_factory=Metrics)
+    clock: Callable[[], datetime] = utcnow
+
+    async def handle(self, session_id: str) -> None:
+        """React to a hint about a session: claim it if due, then act on what the row says."""
+        row = await self.store.claim(session_id, self.lease_s)
+        if row is None:
+            await self.destroy_machines_of(session_id, StopReason.DELETED)
+        elif row.claimed_by_me(self.store.owner) and not row.state.is_final:
+            await self.act(row)
+
+    async def act(self, row: Session) -> None:
+        """Apply the decision for a row this process has claimed, keeping the lease alive."""
+        with structlog.contextvars.bound_contextvars(session_id=row.id, epoch=row.epoch):
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    keeper = tg.create_task(self._keep_lease(row), name=f"lease-{row.id}")
+                    await self._apply(row)
+                    keeper.cancel()
+            except* ClaimLostError as group:
+                self.metrics.claims_lost.inc()
+                gone = any(isinstance(e, SessionGoneError) for e in group.exceptions)
+                log.info("claim_lost", gone=gone)
+
+    async def _apply(self, row: Session) -> None:
+        match decide(row, self.clock(), self.policy):
+            case Provision(spec):
+                await self.provision(row, spec)
+            case Teardown(reason):
+                await self.teardown(row, reason)
+            case Reject(error):
+                row = await self.store.mark_failed(row, error, None)
+                self.metrics.session_failed("rejected")
+                await self._event(row, "sandbox_rejected", error=error)
+            case Release():
+                await self.store.release(row)
+
+    # -- provisioning ---------------------------------------------------------------------
+
+    async def provision(self, row: Session, spec: MachineSpec) -> None:
+        """Create or adopt the machine, wait for it, smoke-test it, mark ready; or retry/fail."""
+        resumed = row.state is SandboxState.PROVISIONING
+        row = await self.store.begin_provision(row, self.policy.max_lifetime_s)
+        await self._event(
+            row, "provisioning_started", attempt=row.attempts, region=spec.region, resumed=resumed
+        )
+        started = time.monotonic()
+        machine: Machine | None = None
+        try:
+            machine = await self._existing_machine(row) if resumed else None
+            if machine is None:
+                machine = await self._create(row, spec)
+            if row.sandbox_id != machine.id:
+                row = await self.store.set_machine(row, machine.id, machine.region)
+            with structlog.contextvars.bound_contextvars(machine_id=machine.id):
+                machine = await self.fly.wait_for_state(
+                    machine.id, MachineState.STARTED, timeout_s=self.start_timeout_s
+                )
+                output = await self._smoke(machine)
+                row = await self.store.mark_ready(row, self.policy.idle_timeout_s)
+                elapsed = time.monotonic() - started
+                self.metrics.provisioned(elapsed)
+                await self._event(
+                    row,
+                    "sandbox_ready",
+                    machine_id=machine.id,
+                    seconds=round(elapsed, 3),
+                    smoke_output=output,
+                )
+        except SessionGoneError:
+            if machine is not None:
+                await self._destroy_quietly(machine.id)
+            raise
+        except ClaimLostError:
+            raise
+        except Exception as exc:  # any failure becomes the row's state, nothing is lost
+            await self._provision_failed(row, spec, machine, exc)
+
+    async def _provision_failed(
+        self, row: Session, spec: MachineSpec, machine: Machine | None, exc: Exception
+    ) -> None:
+        delay = retry_delay_s(row.attempts, exc, self.policy)
+        message = failure_message(exc, spec)
+        log.warning(
+            "provisioning_failed", error=str(exc), error_type=type(exc).__name__, retry_in_s=delay
+        )
+        if machine is not None:
+            await self._destroy_quietly(machine.id)
+        row = await self.store.mark_failed(row, message, delay)
+        if delay is None:
+            self.metrics.session_failed("provisioning")
+        await self._event(
+            row,
+            "provisioning_failed",
+            error=message,
+            retry_in_s=delay,
+            error_type=type(exc).__name__,
+        )
+
+    async def _existing_machine(self, row: Session) -> Machine | None:
+        """After a crash or a lost lease: the machine an earlier attempt made, if it lives."""
+        if row.sandbox_id:
+            with contextlib.suppress(FlyNotFoundError):
+                machine = await self.fly.get_machine(row.sandbox_id)
+                if not machine.state.is_gone:
+                    return machine
+        return await self._adopt(row, tries=1)
+
+    async def _create(self, row: Session, spec: MachineSpec) -> Machine:
+        deadline = row.deadline_at or self.clock()
+        config = machine_config(
+            self.image,
+            cpu_kind=spec.cpu_kind,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            env={"SESSION_ID": row.id, "SANDBOX_DEADLINE_EPOCH_S": str(int(deadline.timestamp()))},
+            metadata={"session_id": row.id, "epoch": str(row.epoch), "managed_by": MANAGED_BY},
+        )
+        try:
+            machine = await self.fly.create_machine(config, region=spec.region)
+        except FlyOutcomeUnknownError:
+            adopted = await self._adopt(row, tries=len(ADOPT_DELAYS_S))
+            if adopted is None:
+                raise
+            machine = adopted
+        await self._event(row, "machine_created", machine_id=machine.id, region=machine.region)
+        return machine
+
+    async def _adopt(self, row: Session, *, tries: int) -> Machine | None:
+        """Find this session's live machine by metadata; destroy any duplicates found."""
+        for attempt in range(tries):
+            found = [
+                m
+                for m in await self.fly.list_machines(metadata={"session_id": row.id})
+                if not m.state.is_gone
+            ]
+            if found:
+                keep, *extra = sorted(
+                    found, key=lambda m: (m.epoch or 0, m.created_at or 0), reverse=True
+                )
+                for dup in extra:
+                    await self._destroy_quietly(dup.id)
+                log.info("machine_adopted", machine_id=keep.id, duplicates=len(extra))
+                return keep
+            if attempt + 1 < tries:
+                await asyncio.sleep(ADOPT_DELAYS_S[attempt])  # backoff for Fly's list lag
+        return None
+
+    async def _smoke(self, machine: Machine) -> str:
+        if not self.smoke_command.strip():
+            return ""
+        result = await self.fly.exec(
+            machine.id, shlex.split(self.smoke_command), timeout_s=SMOKE_TIMEOUT_S
+        )
+        if not result.ok:
+            raise SmokeTestError(result.exit_code, result.stderr or result.stdout)
+        return result.stdout.strip()[:500]
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    async def teardown(self, row: Session, reason: StopReason) -> None:
+        """Destroy the session's machine (force; 404 is done) and mark the row destroyed."""
+        unrecorded = row.sandbox_id is None and row.state in {
+            SandboxState.PROVISIONING,
+            SandboxState.STOPPING,
+        }
+        if row.state is not SandboxState.STOPPING:
+            row = await self.store.begin_stop(row, reason.value)
+            await self._event(row, "sandbox_stopping", reason=reason.value)
+        ids = {row.sandbox_id} if row.sandbox_id else set()
+        if unrecorded:  # a crash between create and set_machine leaves the id only in Fly
+            ids |= {m.id for m in await self.fly.list_machines(metadata={"session_id": row.id})}
+        for machine_id in sorted(ids):
+            await self.fly.destroy(machine_id, force=True)
+        row = await self.store.mark_destroyed(row)
+        self.metrics.destroyed(reason.value)
+        await self._event(row, "sandbox_destroyed", reason=reason.value, machines=sorted(ids))
+
+    async def destroy_machines_of(self, session_id: str, reason: StopReason) -> int:
+        """Destroy every machine tagged with a session whose row is gone; returns how many."""
+        machines = [
+            m
+            for m in await self.fly.list_machines(metadata={"session_id": session_id})
+            if not m.state.is_gone
+        ]
+        for machine in machines:
+            await self.fly.destroy(machine.id, force=True)
+        if machines:
+            self.metrics.destroyed(reason.value)
+            await self.store.record_event(
+                session_id,
+                None,
+                "sandbox_destroyed",
+                {"reason": reason.value, "machines": [m.id for m in machines]},
+            )
+        return len(machines)
+
+    async def _destroy_quietly(self, machine_id: str) -> None:
+        """Best-effort cleanup on a failure path; the sweeper reaps what this misses."""
+        try:
+            await self.fly.destroy(machine_id, force=True)
+        except FlyError as exc:
+            log.warning("machine_destroy_failed", machine_id=machine_id, error=str(exc))
+
+    # -- lease and audit --------------------------------------------------------------------
+
+    async def _keep_lease(self, row: Session) -> None:
+        """Renew the claim every lease/3; raising ClaimLostError ends the whole act()."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await self.store.renew(row, self.lease_s)
+
+    async def _event(self, row: Session, event: str, **detail: Any) -> None:
+        log.info(event, **detail)
+        await self.store.record_event(row.id, row.epoch, event, detail)

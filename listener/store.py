@@ -1,0 +1,249 @@
+"""SandboxStore: the listener's SQL functions over Supabase RPC, rows parsed into Session models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import httpx
+import structlog
+from postgrest.exceptions import APIError
+from supabase import AsyncClient
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from tenacity.wait import WaitBaseT
+
+from listener.errors import ClaimLostError, SessionGoneError, StoreError
+from listener.models import SandboxState, Session, SessionStatus
+
+log = structlog.get_logger(component="store")
+
+Row = Mapping[str, Any]
+
+
+class _TransientStoreError(StoreError):
+    """Supabase could not be reached or answered 5xx: the call may be repeated."""
+
+
+class SandboxStore:
+    """Reads and changes coding_sessions rows through the atomic SQL functions (service role)."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        owner: str,
+        *,
+        max_attempts: int = 4,
+        wait: WaitBaseT | None = None,
+    ) -> None:
+        self._client = client
+        self.owner = owner
+        self._max_attempts = max_attempts
+        self._wait = wait or wait_exponential_jitter(initial=0.1, max=2.0)
+
+    # -- claims ----------------------------------------------------------------------------
+
+    async def claim(self, session_id: str, lease_s: int, *, force: bool = False) -> Session | None:
+        """Claim one session if it is due (or `force`); the row as it stands, None if missing."""
+        rows = await self._rpc(
+            "claim_session",
+            {"p_id": session_id, "p_owner": self.owner, "p_lease_s": lease_s, "p_force": force},
+        )
+        return session_from_row(rows[0]) if rows else None
+
+    async def claim_due(self, lease_s: int, limit: int) -> list[Session]:
+        """Claim up to `limit` due sessions; concurrent callers get disjoint sets."""
+        rows = await self._rpc(
+            "claim_sessions", {"p_owner": self.owner, "p_lease_s": lease_s, "p_limit": limit}
+        )
+        return [session_from_row(r) for r in rows]
+
+    async def renew(self, s: Session, lease_s: int) -> Session:
+        """Extend this process's lease on a claimed session."""
+        return await self._cas(
+            "sandbox_renew_lease", s, None, {"p_lease_s": lease_s}, must_hold=True
+        )
+
+    async def release(self, s: Session) -> Session:
+        """Hand a claim back without changing the state."""
+        return await self._cas("sandbox_release", s, None, {})
+
+    # -- transitions (compare-and-set on the epoch) ----------------------------------------
+
+    async def begin_provision(self, s: Session, max_lifetime_s: int) -> Session:
+        """requested/provisioning -> provisioning; sets the hard deadline of the new machine."""
+        return await self._cas(
+            "sandbox_begin_provision",
+            s,
+            SandboxState.PROVISIONING,
+            {"p_max_lifetime_s": max_lifetime_s},
+        )
+
+    async def set_machine(self, s: Session, machine_id: str, region: str) -> Session:
+        """Record the machine id as soon as Fly returns it."""
+        return await self._cas(
+            "sandbox_set_machine",
+            s,
+            SandboxState.PROVISIONING,
+            {"p_machine_id": machine_id, "p_region": region},
+            check=lambda row: row.sandbox_id == machine_id,
+        )
+
+    async def mark_ready(self, s: Session, idle_timeout_s: int) -> Session:
+        """provisioning -> ready; releases the claim."""
+        return await self._cas(
+            "sandbox_mark_ready", s, SandboxState.READY, {"p_idle_timeout_s": idle_timeout_s}
+        )
+
+    async def mark_failed(self, s: Session, error: str, retry_after_s: float | None) -> Session:
+        """Back to requested after `retry_after_s`, or failed for good when it is None."""
+        target = SandboxState.FAILED if retry_after_s is None else SandboxState.REQUESTED
+        retry = None if retry_after_s is None else max(1, round(retry_after_s))
+        return await self._cas(
+            "sandbox_mark_failed", s, target, {"p_error": error, "p_retry_after_s": retry}
+        )
+
+    async def begin_stop(self, s: Session, reason: str) -> Session:
+        """-> stopping, with the reason."""
+        return await self._cas("sandbox_begin_stop", s, SandboxState.STOPPING, {"p_reason": reason})
+
+    async def mark_destroyed(self, s: Session) -> Session:
+        """-> destroyed; releases the claim."""
+        return await self._cas("sandbox_mark_destroyed", s, SandboxState.DESTROYED, {})
+
+    # -- reads and the audit ----------------------------------------------------------------
+
+    async def record_event(
+        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+    ) -> None:
+        """Append to sandbox_events (the dashboard history of every sandbox)."""
+        await self._rpc(
+            "sandbox_record_event",
+            {"p_session_id": session_id, "p_epoch": epoch, "p_event": event, "p_detail": detail},
+        )
+
+    async def sessions_by_ids(self, ids: Sequence[str]) -> dict[str, Session]:
+        """The rows with these ids (missing ids are absent from the result)."""
+        if not ids:
+            return {}
+        rows = await self._rpc("sandbox_sessions_by_ids", {"p_ids": list(ids)})
+        return {s.id: s for s in map(session_from_row, rows)}
+
+    async def live_sessions(self, limit: int = 10000) -> list[Session]:
+        """Rows in provisioning, ready or stopping."""
+        rows = await self._rpc("sandbox_live_sessions", {"p_limit": limit})
+        return [session_from_row(r) for r in rows]
+
+    async def take_leader_lease(self, name: str, ttl_s: int) -> bool:
+        """Take or renew a named lease (e.g. the sweeper's); True if this process holds it."""
+        held = await self._call(
+            "take_listener_lease", {"p_name": name, "p_owner": self.owner, "p_ttl_s": ttl_s}
+        )
+        return held is True
+
+    async def release_leader_lease(self, name: str) -> None:
+        """Give a named lease up (on shutdown) so another replica takes over at once."""
+        await self._call("release_listener_lease", {"p_name": name, "p_owner": self.owner})
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _cas(
+        self,
+        fn: str,
+        s: Session,
+        target: SandboxState | None,
+        args: Mapping[str, Any],
+        *,
+        check: Any = None,
+        must_hold: bool = False,
+    ) -> Session:
+        rows = await self._rpc(fn, {"p_id": s.id, "p_epoch": s.epoch, **args})
+        if not rows:
+            raise SessionGoneError(s.id, s.epoch)
+        now = session_from_row(rows[0])
+        applied = now.epoch == s.epoch and (target is None or now.state is target)
+        if must_hold:
+            applied = applied and now.claimed_by == self.owner
+        if check is not None:
+            applied = applied and check(now)
+        if not applied:
+            raise ClaimLostError(s.id, s.epoch)
+        return now
+
+    async def _rpc(self, fn: str, args: Mapping[str, Any]) -> list[Row]:
+        data = await self._call(fn, args)
+        if data is None:
+            return []
+        if isinstance(data, dict):
+            return [data]
+        if isinstance(data, list):
+            return data
+        raise StoreError(f"{fn} returned {type(data).__name__}, expected rows")
+
+    async def _call(self, fn: str, args: Mapping[str, Any]) -> Any:
+        """Call an RPC with bounded retries on transport errors and 5xx; translate errors."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(lambda e: isinstance(e, _TransientStoreError)),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "store_request_retrying", function=fn, attempt=state.attempt_number
+            ),
+        )
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    response = await self._client.rpc(fn, dict(args)).execute()
+                except APIError as exc:
+                    raise _store_error(fn, exc) from exc
+                except httpx.HTTPError as exc:
+                    raise _TransientStoreError(f"{fn}: {type(exc).__name__}: {exc}") from exc
+                return response.data
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+
+def _store_error(fn: str, exc: APIError) -> StoreError:
+    code = str(exc.code or "")
+    message = f"{fn} failed: {exc.message} (code {code})"
+    if (code.isdigit() and int(code) >= 500) or code.startswith(("08", "53", "57")):
+        return _TransientStoreError(message)
+    return StoreError(message)
+
+
+def session_from_row(row: Row) -> Session:
+    """Parse a coding_sessions row (as PostgREST returns it) into a Session."""
+    try:
+        return Session(
+            id=str(row["id"]),
+            user_id=str(row["user_id"]),
+            status=SessionStatus(row["status"]),
+            state=SandboxState(row["sandbox_state"]),
+            epoch=int(row["sandbox_epoch"]),
+            attempts=int(row.get("sandbox_attempts") or 0),
+            created_at=_ts(row.get("created_at")),
+            last_activity_at=_ts(row.get("last_activity_at")),
+            sandbox_id=row.get("sandbox_id"),
+            region=row.get("sandbox_region"),
+            error=row.get("sandbox_error"),
+            claimed_by=row.get("sandbox_claimed_by"),
+            lease_expires_at=_ts(row.get("sandbox_lease_expires_at")),
+            ready_at=_ts(row.get("sandbox_ready_at")),
+            deadline_at=_ts(row.get("sandbox_deadline_at")),
+            expires_at=_ts(row.get("sandbox_expires_at")),
+            stop_reason=row.get("sandbox_stop_reason"),
+            requested_region=row.get("requested_region"),
+            requested_memory_mb=row.get("requested_memory_mb"),
+            requested_cpus=row.get("requested_cpus"),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreError(f"unexpected coding_sessions row shape: {exc!r}") from exc
+
+
+def _ts(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None

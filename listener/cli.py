@@ -35,6 +35,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    commands.add_parser(
+        "run",
+        help="run the listener (production worker; settings from the environment)",
+        description="Subscribe to coding_sessions, provision and reap sandboxes until SIGTERM. "
+        "Exits 0 after a graceful drain, 2 on bad configuration, 1 if a loop crashes.",
+    )
+
+    dev = commands.add_parser(
+        "dev",
+        help="local stack + listener in one process; shows session transitions live",
+        description="Start the embedded local stack and a listener against it, print how to "
+        "create a session, and show every session's transitions as they happen.",
+    )
+    dev.add_argument(
+        "--demo",
+        action="store_true",
+        help="create one session as a test user, show it become ready then destroyed, and exit",
+    )
+    _add_stack_options(dev)
+
+    status = commands.add_parser(
+        "status", help="sessions (state, machine, age, idle, expires in) and Fly drift"
+    )
+    _add_env_file(status)
+
+    sweep = commands.add_parser("sweep", help="run one catch-up scan and one reconcile")
+    sweep.add_argument("--once", action="store_true", required=True, help="run once and exit")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="print what it would do; act on nothing"
+    )
+    _add_env_file(sweep)
+
+    destroy = commands.add_parser("destroy", help="destroy one session's sandbox now")
+    destroy.add_argument("session", help="coding_sessions.id")
+    _add_env_file(destroy)
+
     local = commands.add_parser("local", help="the embedded local stack (no cloud, no Docker)")
     local_commands = local.add_subparsers(dest="local_command", metavar="ACTION", required=True)
     up = local_commands.add_parser(
@@ -77,9 +113,23 @@ def _add_stack_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--fly-port", type=int, default=54329, help="Fly port (default: %(default)s)")
 
 
+def _add_env_file(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--env-file", type=Path, help="read settings from this file too (e.g. from local up)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sandbox-listener` and `python -m listener`; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from listener.app import main as run_main
+
+        return run_main()
+    if args.command == "dev":
+        return asyncio.run(_dev(args))
+    if args.command in {"status", "sweep", "destroy"}:
+        return _operator(args)
     if args.command == "local":
         if args.local_command == "up":
             return asyncio.run(_local_up(args))
@@ -88,6 +138,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.local_command == "fly":
             return asyncio.run(_local_fly(args))
     raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a command
+
+
+async def _dev(args: argparse.Namespace) -> int:
+    from listener.app import run_until_signalled
+    from listener.dev import dev
+    from listener.local.stack import StackError
+
+    result = 0
+
+    async def body(stop: asyncio.Event) -> None:
+        nonlocal result
+        result = await dev(
+            demo_mode=args.demo,
+            api_port=args.port,
+            fly_port=args.fly_port,
+            data_dir=args.data_dir,
+            env_file=args.env_file,
+            stop=stop,
+        )
+
+    try:
+        crashed = await run_until_signalled(body)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return crashed or result
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from listener import commands
+    from listener.app import load_settings
+    from listener.logs import configure_logging
+
+    env = dict(os.environ)
+    if args.env_file:
+        env = {**_read_env_file(args.env_file), **env}
+    settings = load_settings(env)
+    if settings is None:
+        return 2
+    configure_logging("warning", settings.log_format)
+    if args.command == "status":
+        return asyncio.run(commands.status(settings))
+    if args.command == "sweep":
+        return asyncio.run(commands.sweep(settings, dry_run=args.dry_run))
+    return asyncio.run(commands.destroy(settings, args.session))
 
 
 async def _local_up(args: argparse.Namespace) -> int:

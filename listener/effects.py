@@ -48,6 +48,7 @@ log = structlog.get_logger(component="effects")
 
 ADOPT_DELAYS_S = (0.5, 1.0, 2.0)  # Fly lists lag behind creates
 SMOKE_TIMEOUT_S = 30
+HAND_BACK_TIMEOUT_S = 3.0
 
 
 class MachineApi(Protocol):
@@ -121,14 +122,31 @@ class Controller:
         """Apply the decision for a row this process has claimed, keeping the lease alive."""
         with structlog.contextvars.bound_contextvars(session_id=row.id, epoch=row.epoch):
             try:
-                async with asyncio.TaskGroup() as tg:
-                    keeper = tg.create_task(self._keep_lease(row), name=f"lease-{row.id}")
-                    await self._apply(row)
-                    keeper.cancel()
-            except* ClaimLostError as group:
-                self.metrics.claims_lost.inc()
-                gone = any(isinstance(e, SessionGoneError) for e in group.exceptions)
-                log.info("claim_lost", gone=gone)
+                await self._act_keeping_lease(row)
+            except asyncio.CancelledError:
+                await asyncio.wait_for(self.hand_back(row), HAND_BACK_TIMEOUT_S)
+                raise
+
+    async def _act_keeping_lease(self, row: Session) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                keeper = tg.create_task(self._keep_lease(row), name=f"lease-{row.id}")
+                await self._apply(row)
+                keeper.cancel()
+        except* ClaimLostError as group:
+            self.metrics.claims_lost.inc()
+            gone = any(isinstance(e, SessionGoneError) for e in group.exceptions)
+            log.info("claim_lost", gone=gone)
+            if not gone:  # a precondition failed while the claim is still ours: free the row now
+                await self.hand_back(row)
+
+    async def hand_back(self, row: Session) -> None:
+        """Release a claim this process will not finish (shutdown); the next owner resumes it."""
+        try:
+            await self.store.release(row)
+            log.info("claim_handed_back", session_id=row.id, state=row.state.value)
+        except ClaimLostError:
+            pass
 
     async def _apply(self, row: Session) -> None:
         match decide(row, self.clock(), self.policy):

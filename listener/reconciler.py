@@ -175,6 +175,14 @@ class SmokeTestError(Exception):
         super().__init__(f"smoke command exited {exit_code}: {output[:200]}")
 
 
+class MachineLostError(Exception):
+    """A ready sandbox's machine no longer runs (host failure or destroyed outside the listener)."""
+
+    def __init__(self, machine_id: str) -> None:
+        self.machine_id = machine_id
+        super().__init__(f"machine {machine_id} is gone")
+
+
 def retry_delay_s(attempts: int, error: BaseException, policy: Policy) -> float | None:
     """Seconds until the next provisioning attempt, or None to fail the row for good."""
     if is_permanent(error) or attempts >= policy.max_attempts:
@@ -210,6 +218,11 @@ def failure_message(error: BaseException, spec: MachineSpec | None = None) -> st
             return (
                 f"The sandbox started but the smoke command exited {error.exit_code}: "
                 f"{error.output.strip()[:200]}. Check the image or SANDBOX_SMOKE_COMMAND."
+            )
+        case MachineLostError():
+            return (
+                f"The sandbox's machine {error.machine_id} disappeared (host failure or destroyed "
+                "outside the listener); a new one will be provisioned."
             )
         case StoreError():
             return f"Supabase call failed: {error}."

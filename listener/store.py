@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ from listener.models import SandboxState, Session, SessionStatus
 log = structlog.get_logger(component="store")
 
 Row = Mapping[str, Any]
+TABLE = "coding_sessions"
 
 
 class _TransientStoreError(StoreError):
@@ -139,6 +140,22 @@ class SandboxStore:
         rows = await self._rpc("sandbox_live_sessions", {"p_limit": limit})
         return [session_from_row(r) for r in rows]
 
+    async def due_sessions(self, limit: int = 100) -> list[Session]:
+        """Rows due for attention now, without claiming them (for dry runs)."""
+        now = datetime.now(UTC).isoformat()
+        response = await self._select(
+            lambda q: q.lte("sandbox_due_at", now).order("sandbox_due_at").limit(limit)
+        )
+        return [session_from_row(r) for r in response]
+
+    async def recent_sessions(self, limit: int = 50) -> list[Session]:
+        """Live rows first, then the most recent others (for `status`)."""
+        live = await self.live_sessions(limit)
+        recent = await self._select(lambda q: q.order("created_at", desc=True).limit(limit))
+        seen = {s.id for s in live}
+        rest = [s for s in map(session_from_row, recent) if s.id not in seen]
+        return (live + rest)[:limit]
+
     async def take_leader_lease(self, name: str, ttl_s: int) -> bool:
         """Take or renew a named lease (e.g. the sweeper's); True if this process holds it."""
         held = await self._call(
@@ -174,6 +191,17 @@ class SandboxStore:
         if not applied:
             raise ClaimLostError(s.id, s.epoch)
         return now
+
+    async def _select(self, refine: Callable[[Any], Any]) -> list[Row]:
+        """A read of coding_sessions through PostgREST (service role), errors translated."""
+        try:
+            response = await refine(self._client.table(TABLE).select("*")).execute()
+        except APIError as exc:
+            raise _store_error(f"select {TABLE}", exc) from exc
+        except httpx.HTTPError as exc:
+            raise StoreError(f"select {TABLE}: {type(exc).__name__}: {exc}") from exc
+        rows: list[Row] = response.data
+        return rows
 
     async def _rpc(self, fn: str, args: Mapping[str, Any]) -> list[Row]:
         data = await self._call(fn, args)

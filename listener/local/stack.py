@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import psycopg
 import structlog
-import uvicorn
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.routing import Mount, WebSocketRoute
 
 from listener.local import keys
 from listener.local.fly_emulator import EmulatorOptions, FlyEmulator
-from listener.local.postgres import EmbeddedPostgres, PostgresStartError, port_in_use
+from listener.local.postgres import EmbeddedPostgres, PostgresStartError
 from listener.local.realtime_gateway import RealtimeGateway
 from listener.local.rest import create_rest_app
+from listener.server import AsgiServer, bind_socket, port_in_use
 
 log = structlog.get_logger(component="stack")
 
@@ -86,41 +84,6 @@ def create_user(db_url: str, email: str) -> uuid.UUID:
     return uuid.UUID(str(row[0]))
 
 
-def bind_socket(port: int) -> socket.socket:
-    """Bind a listening TCP socket on 127.0.0.1 (port 0 = any free port)."""
-    if port and port_in_use(port):
-        raise StackError(f"port {port} on 127.0.0.1 is already in use; choose another")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(512)
-    sock.set_inheritable(True)
-    return sock
-
-
-class _QuietServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to its host process."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def serve(app: Any, sock: socket.socket) -> tuple[_QuietServer, asyncio.Task[None]]:
-    """Serve an ASGI app on a bound socket; return once it accepts connections."""
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, ws_ping_interval=20.0
-    )
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
-    while not server.started:
-        if task.done():
-            task.result()
-            raise StackError("server stopped during start-up")
-        await asyncio.sleep(0.005)  # uvicorn exposes no start event; bounded by the loop above
-    return server, task
-
-
 @dataclass
 class LocalStack:
     """Everything a listener needs on 127.0.0.1: Postgres, REST + Realtime, the Fly emulator."""
@@ -134,9 +97,7 @@ class LocalStack:
     info: StackInfo | None = field(default=None, init=False)
     realtime: RealtimeGateway | None = field(default=None, init=False)
     fly: FlyEmulator | None = field(default=None, init=False)
-    _servers: list[tuple[_QuietServer, asyncio.Task[None]]] = field(
-        default_factory=list, init=False
-    )
+    _api: AsgiServer | None = field(default=None, init=False)
     _pool: AsyncConnectionPool | None = field(default=None, init=False)
     _owns_postgres: bool = field(default=False, init=False)
 
@@ -152,7 +113,12 @@ class LocalStack:
 
     async def start(self) -> StackInfo:
         """Start every part; return the URLs and keys once all of them answer."""
-        api_sock = bind_socket(self.api_port)
+        try:
+            api_sock = bind_socket(self.api_port)
+        except OSError as exc:
+            raise StackError(
+                f"port {self.api_port} on 127.0.0.1 is already in use ({exc})"
+            ) from exc
         if self.fly_port and port_in_use(self.fly_port):
             api_sock.close()
             raise StackError(f"port {self.fly_port} on 127.0.0.1 is already in use; choose another")
@@ -177,11 +143,12 @@ class LocalStack:
                 WebSocketRoute("/realtime/v1/websocket", self.realtime.endpoint),
             ]
         )
-        self._servers.append(await serve(api, api_sock))
+        self._api = AsgiServer(api, api_sock)
+        await self._api.start()
         options = self.fly_options or EmulatorOptions(token=fly_token)
         self.fly = FlyEmulator(options)
         await self.fly.start(port=self.fly_port)
-        api_port = api_sock.getsockname()[1]
+        api_port = self._api.port
         self.info = StackInfo(
             supabase_url=f"http://127.0.0.1:{api_port}",
             db_url=self.postgres.dsn,
@@ -200,11 +167,9 @@ class LocalStack:
         if self.fly is not None:
             await self.fly.stop()
             self.fly = None
-        for server, task in reversed(self._servers):
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, timeout=5)
-        self._servers.clear()
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         if self.realtime is not None:
             await self.realtime.stop()
             self.realtime = None

@@ -1,0 +1,155 @@
+"""Operator commands: status, one sweep, destroy — the same parts the worker uses, run once."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import datetime
+from typing import TextIO
+
+from listener.app import assemble
+from listener.config import Settings
+from listener.effects import utcnow
+from listener.models import MANAGED_BY, Session, StopReason
+from listener.reconciler import DestroyOrphan, Policy, RecoverLost, SweepAction, decide
+
+
+def _ago(then: datetime | None, now: datetime) -> str:
+    if then is None:
+        return "-"
+    seconds = int((now - then).total_seconds())
+    return _duration(seconds)
+
+
+def _until(then: datetime | None, now: datetime) -> str:
+    if then is None:
+        return "-"
+    seconds = int((then - now).total_seconds())
+    return _duration(seconds) if seconds >= 0 else f"overdue {_duration(-seconds)}"
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def describe(action: SweepAction) -> str:
+    """One line per sweep action, as an operator reads it."""
+    match action:
+        case DestroyOrphan(machine_id, session_id, reason):
+            return f"destroy orphan machine {machine_id} (session {session_id or '-'}: {reason})"
+        case RecoverLost(session_id, machine_id):
+            return f"recover session {session_id}: its machine {machine_id} is gone"
+
+
+def session_table(sessions: list[Session], now: datetime) -> list[str]:
+    """The `status` table: one row per session."""
+    header = (
+        "SESSION",
+        "STATE",
+        "STATUS",
+        "MACHINE",
+        "REGION",
+        "AGE",
+        "IDLE",
+        "EXPIRES IN",
+        "ERROR",
+    )
+    rows = [header] + [
+        (
+            s.id[:8],
+            s.state.value,
+            s.status.value,
+            s.sandbox_id or "-",
+            s.region or "-",
+            _ago(s.created_at, now),
+            _ago(s.last_activity_at, now),
+            _until(s.expires_at, now),
+            (s.error or "")[:60],
+        )
+        for s in sessions
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+async def status(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Print sessions and the drift between rows and the Fly inventory."""
+    async with assemble(settings) as parts:
+        now = utcnow()
+        sessions = await parts.store.recent_sessions()
+        report = await parts.sweeper.sweep_once(dry_run=True)
+        for line in session_table(sessions, now):
+            print(line, file=out)
+        print(
+            f"\nFly inventory: {report.machines} machine(s) tagged managed_by={MANAGED_BY}.",
+            file=out,
+        )
+        if report.actions:
+            print("Drift:", file=out)
+            for action in report.actions:
+                print(f"  {describe(action)}", file=out)
+        else:
+            print(
+                "No drift: every machine has a live session and every ready session a machine.",
+                file=out,
+            )
+    return 0
+
+
+async def sweep(settings: Settings, *, dry_run: bool, out: TextIO = sys.stdout) -> int:
+    """One catch-up scan and one reconcile; print what would be / was done."""
+    async with assemble(settings) as parts:
+        if dry_run:
+            policy = Policy.from_settings(settings)
+            now = utcnow()
+            for row in await parts.store.due_sessions():
+                decision = type(decide(row, now, policy)).__name__.lower()
+                print(
+                    f"would {decision} session {row.id} ({row.state.value}, {row.status.value})",
+                    file=out,
+                )
+        else:
+            stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(parts.dispatcher.run(stop, settings.listener_shutdown_grace_s))
+                claimed = await parts.scanner.scan_once()
+                await parts.dispatcher.wait_idle()
+                stop.set()
+            print(f"handled {claimed} due session(s)", file=out)
+        report = await parts.sweeper.sweep_once(dry_run=dry_run)
+        if not report.leader:
+            print("another listener holds the sweeper lease; nothing reconciled", file=out)
+        verb = "would" if dry_run else "did"
+        for action in report.actions:
+            print(f"{verb} {describe(action)}", file=out)
+        if report.leader and not report.actions:
+            print(f"inventory ({report.machines} machine(s)) matches the rows", file=out)
+    return 0
+
+
+async def destroy(settings: Settings, session_id: str, out: TextIO = sys.stdout) -> int:
+    """Tear one session's sandbox down now (reason `operator`)."""
+    async with assemble(settings) as parts:
+        row = await parts.store.claim(session_id, settings.listener_lease_s, force=True)
+        if row is None:
+            count = await parts.controller.destroy_machines_of(session_id, StopReason.OPERATOR)
+            print(f"no such session; destroyed {count} machine(s) tagged with it", file=out)
+            return 0
+        if not row.claimed_by_me(parts.store.owner):
+            print(
+                f"session {session_id} is being handled by {row.claimed_by} until "
+                f"{row.lease_expires_at}; try again after that",
+                file=sys.stderr,
+            )
+            return 1
+        if row.state.is_final:
+            await parts.controller.hand_back(row)
+            print(f"session {session_id} is already {row.state.value}", file=out)
+            return 0
+        await parts.controller.teardown(row, StopReason.OPERATOR)
+        print(f"destroyed the sandbox of session {session_id}", file=out)
+    return 0

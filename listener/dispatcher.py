@@ -1,0 +1,172 @@
+"""The work queue: one handler per session at a time, a cap on concurrency, a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from listener.metrics import Metrics
+from listener.models import Session
+
+log = structlog.get_logger(component="dispatcher")
+
+SEEN_MAX = 100_000  # ids announced by Realtime, remembered for the missed-event count
+
+
+class Handler(Protocol):
+    """What the dispatcher runs (effects.Controller satisfies it)."""
+
+    async def handle(self, session_id: str) -> None: ...
+    async def act(self, row: Session) -> None: ...
+    async def hand_back(self, row: Session) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Work for one session: a hint to claim it, or a row already claimed by a scan."""
+
+    session_id: str
+    claimed: Session | None = None
+
+
+class Dispatcher:
+    """Runs jobs so that one session is never handled twice at once in this process."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        concurrency: int,
+        metrics: Metrics | None = None,
+        max_queued: int = 10_000,
+    ) -> None:
+        self._handler = handler
+        self._metrics = metrics or Metrics()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pending: dict[str, deque[Job]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def backlog(self) -> int:
+        """Jobs queued or waiting behind their session's running job."""
+        return self._queue.qsize() + sum(len(q) for q in self._pending.values())
+
+    def submit(self, session_id: str, *, announced: bool = False) -> None:
+        """Queue a hint without blocking (callbacks call this); if full, drop it: scans catch up."""
+        if announced:
+            self._seen[session_id] = None
+            self._seen.move_to_end(session_id)
+            while len(self._seen) > SEEN_MAX:
+                self._seen.popitem(last=False)
+        self._put(Job(session_id))
+
+    def submit_claimed(self, row: Session) -> None:
+        """Queue a row a scan has already claimed for this process."""
+        self._put(Job(row.id, row))
+
+    def was_announced(self, session_id: str) -> bool:
+        """Whether a Realtime event named this session recently."""
+        return session_id in self._seen
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or running (for `sweep --once` and tests)."""
+        while self.backlog or self._tasks:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _put(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            log.warning("job_dropped", session_id=job.session_id, reason="queue full")
+            return
+        self._idle.clear()
+        self._metrics.queue_depth.set(self.backlog)
+
+    async def run(self, stop: asyncio.Event, grace_s: float) -> None:
+        """Start jobs until `stop`; then give running jobs `grace_s` before cancelling them."""
+        async with asyncio.TaskGroup() as tg:
+            stopped = tg.create_task(stop.wait(), name="dispatcher-stop")
+            try:
+                while not stop.is_set():
+                    getter = tg.create_task(self._queue.get(), name="dispatcher-get")
+                    await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        break
+                    self._start(tg, getter.result())
+            finally:
+                stopped.cancel()
+                await self._drain(grace_s)
+
+    def _start(self, tg: asyncio.TaskGroup, job: Job) -> None:
+        queue = self._pending.get(job.session_id)
+        if queue is not None:
+            if job.claimed is None and any(j.claimed is None for j in queue):
+                return  # a hint is already waiting for this session: one is enough
+            queue.append(job)
+            return
+        self._pending[job.session_id] = deque([job])
+        task = tg.create_task(self._run_session(job.session_id), name=f"session-{job.session_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._metrics.queue_depth.set(self.backlog)
+        if not self._tasks and not self.backlog:
+            self._idle.set()
+
+    async def _run_session(self, session_id: str) -> None:
+        queue = self._pending[session_id]
+        try:
+            while queue:
+                job = queue[0]
+                async with self._slots:
+                    self._metrics.in_flight.inc()
+                    try:
+                        await self._run_job(job)
+                    finally:
+                        self._metrics.in_flight.dec()
+                queue.popleft()
+        finally:
+            del self._pending[session_id]
+
+    async def _run_job(self, job: Job) -> None:
+        """Run one job; a failure is logged with its traceback and never ends the loop."""
+        try:
+            if job.claimed is not None:
+                await self._handler.act(job.claimed)
+            else:
+                await self._handler.handle(job.session_id)
+        except Exception:
+            log.exception("session_handling_failed", session_id=job.session_id)
+
+    async def _drain(self, grace_s: float) -> None:
+        """Hand back claimed rows nobody started; let running jobs finish within the grace."""
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job.claimed is not None:
+                await self._handler.hand_back(job.claimed)
+        for queue in self._pending.values():
+            for job in list(queue)[1:]:
+                if job.claimed is not None:
+                    await self._handler.hand_back(job.claimed)
+                queue.remove(job)
+        if not self._tasks:
+            return
+        log.info("drain_started", running=len(self._tasks), grace_s=grace_s)
+        _, late = await asyncio.wait(self._tasks, timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+        log.info("drain_finished", cancelled=len(late))

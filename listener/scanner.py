@@ -1,0 +1,89 @@
+"""The catch-up scan: claim due rows the events missed, at start, on confirmation and on a poll."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol
+
+import structlog
+
+from listener.dispatcher import Dispatcher
+from listener.metrics import Metrics
+from listener.models import SandboxState, Session
+
+log = structlog.get_logger(component="scanner")
+
+
+class DueRows(Protocol):
+    """What the scanner needs from the store (SandboxStore satisfies it)."""
+
+    async def claim_due(self, lease_s: int, limit: int) -> list[Session]: ...
+
+
+def is_missed_insert(row: Session, announced: bool) -> bool:
+    """A brand-new session the scan reached before any Realtime event named it."""
+    return not announced and row.state is SandboxState.REQUESTED and row.attempts == 0
+
+
+class Scanner:
+    """Claims due rows in batches sized to free capacity and hands them to the dispatcher."""
+
+    def __init__(
+        self,
+        store: DueRows,
+        dispatcher: Dispatcher,
+        *,
+        interval_s: float,
+        lease_s: int,
+        capacity: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._interval_s = interval_s
+        self._lease_s = lease_s
+        self._capacity = capacity
+        self._metrics = metrics or Metrics()
+        self._wake = asyncio.Event()
+        self.scans = 0
+
+    def trigger(self) -> None:
+        """Scan now (after a confirmed subscription or an unreadable event)."""
+        self._wake.set()
+
+    async def scan_once(self) -> int:
+        """Claim what is due, up to free capacity; return how many rows were claimed."""
+        claimed = 0
+        while (room := self._capacity - self._dispatcher.backlog) > 0:
+            rows = await self._store.claim_due(self._lease_s, room)
+            for row in rows:
+                if is_missed_insert(row, self._dispatcher.was_announced(row.id)):
+                    self._metrics.missed_events.inc()
+                    log.info("missed_event_caught", session_id=row.id)
+                self._metrics.intake.labels(source="scan").inc()
+                self._dispatcher.submit_claimed(row)
+            claimed += len(rows)
+            if len(rows) < room:
+                break
+        self.scans += 1
+        return claimed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Scan at start, whenever triggered, and every interval, until `stop`."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                claimed = await self.scan_once()
+                log.debug("scan_finished", claimed=claimed)
+            except Exception:
+                log.exception("scan_failed")
+            waker = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.wait({waker, stopper}, return_when=asyncio.FIRST_COMPLETED),
+                    timeout=self._interval_s,
+                )
+            waker.cancel()
+            stopper.cancel()

@@ -3,17 +3,13 @@ uvicorn on a real socket, plus a Python inventory API for tests and benchmarks."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
-import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from types import TracebackType
 
 import structlog
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -33,6 +29,7 @@ from listener.local.fly_knobs import EmulatorOptions, knob_values, options_with
 from listener.local.fly_requests import parse_list
 from listener.local.fly_state import JSON, IdSource, MachineSnapshot, error
 from listener.models import MachineState as S
+from listener.server import AsgiServer, bind_socket
 
 __all__ = ["EmulatorOptions", "FlyEmulator", "MachineSnapshot", "serve_forever"]
 
@@ -53,8 +50,7 @@ class FlyEmulator:
         self._host = FlyHost(options, ids, self._host_dice)
         self._api = FlyApi(self._host, self._dice)
         self._request_ids = IdSource(random.SystemRandom())
-        self._server: uvicorn.Server | None = None
-        self._serving: asyncio.Task[None] | None = None
+        self._server: AsgiServer | None = None
         control: list[tuple[str, str, Handler]] = [
             ("GET", "/_emulator/machines", self._control_machines),
             ("POST", "/_emulator/machines/{machine_id}/vanish", self._control_vanish),
@@ -79,41 +75,22 @@ class FlyEmulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Bind host:port (0 picks a free port, see `.url`) and serve until `stop()`."""
-        sock = socket.create_server((host, port))
-        # Accepted connections inherit this: without it, a response written as headers then body
-        # waits ~40 ms for the client's delayed ACK (Nagle), which would swamp emulated latency.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-        )
-        server = self._server = _SignalFreeServer(config)
-        serving = self._serving = asyncio.create_task(server.serve([sock]), name="fly-emulator")
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
-            while not server.started:  # uvicorn offers a flag, not an event
-                if serving.done():
-                    await serving
-                    raise RuntimeError("the fly emulator's server exited during startup")
-                await asyncio.sleep(0.01)
-        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        server = self._server = AsgiServer(self.app, bind_socket(port, host))
+        await server.start()
+        self.url = f"http://{host}:{server.port}"
         self._host.start_ticking()
         log.info("fly_emulator_started", url=self.url, app=self.options.app_name)
 
     async def wait_closed(self) -> None:
         """Return once the server no longer serves (after `stop()`, or if uvicorn failed)."""
-        if self._serving is not None:
-            await asyncio.wait({self._serving})
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def stop(self) -> None:
         """Answer pending waits, kill exec processes, cancel transitions, close, remove workdirs."""
         self._host.interrupt()  # so in-flight waits and execs answer and the server can drain
-        if self._server is not None and self._serving is not None:
-            self._server.should_exit = True
-            await self._serving
+        if self._server is not None:
+            await self._server.stop()
         await self._host.close()
         log.info("fly_emulator_stopped", url=self.url)
 
@@ -224,14 +201,6 @@ class FlyEmulator:
 def _derived_seed(seed: int | None, purpose: str) -> str | None:
     """One seed, several independent generators (faults, host failures, ids)."""
     return None if seed is None else f"{purpose}-{seed}"
-
-
-class _SignalFreeServer(uvicorn.Server):
-    """uvicorn without its signal handlers: the embedding process owns SIGINT and SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 async def serve_forever(

@@ -45,6 +45,7 @@ from listener.ratelimit import Rate, RateLimiter
 
 if TYPE_CHECKING:
     from listener.config import Settings
+    from listener.metrics import Metrics
 
 DEFAULT_BASE_URL = "https://api.machines.dev"
 LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
@@ -147,7 +148,7 @@ def authorization_header(token: str) -> str:
 
 def fly_rate_limiter(rate: Rate = FLY_RATE, get_rate: Rate = FLY_GET_RATE) -> RateLimiter:
     """A limiter keyed the way Fly limits: per action and per machine (or app)."""
-    return RateLimiter(rate, {"get": get_rate})
+    return RateLimiter(rate, {_GET.action: get_rate})
 
 
 def to_fly_error(failure: httpx.Response | httpx.HTTPError, *, operation: str) -> FlyError:
@@ -361,6 +362,7 @@ class FlyClient:
         wait: WaitBaseT | None = None,
         max_retry_time_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_attempts < 1 or max_retry_time_s <= 0:
             raise ValueError("max_attempts must be >= 1 and max_retry_time_s > 0")
@@ -375,9 +377,12 @@ class FlyClient:
         self._wait = wait if wait is not None else DEFAULT_BACKOFF
         self._max_retry_time_s = max_retry_time_s
         self._clock = clock
+        self._metrics = metrics
 
     @classmethod
-    def from_settings(cls, settings: Settings, http: httpx.AsyncClient) -> FlyClient:
+    def from_settings(
+        cls, settings: Settings, http: httpx.AsyncClient, *, metrics: Metrics | None = None
+    ) -> FlyClient:
         """The client the listener runs with: settings' app, token, endpoint, limits, attempts."""
         limiter = fly_rate_limiter(
             Rate(settings.fly_rate_per_s, settings.fly_burst),
@@ -390,6 +395,7 @@ class FlyClient:
             token=settings.fly_api_token,
             limiter=limiter,
             max_attempts=settings.fly_max_attempts,
+            metrics=metrics,
         )
 
     def __repr__(self) -> str:
@@ -653,6 +659,10 @@ class FlyClient:
             except httpx.HTTPError as exc:
                 raise to_fly_error(exc, operation=op.name) from exc
             finally:
+                if self._metrics is not None:
+                    self._metrics.fly_calls.labels(
+                        operation=op.name, status=str(status or "unreachable")
+                    ).inc()
                 log.debug(
                     "fly_request_finished",
                     operation=op.name,
@@ -670,11 +680,30 @@ class FlyClient:
             | stop_before_delay(self._max_retry_time_s if budget_s is None else budget_s),
             wait=self._backoff,
             retry=retry_if_exception(op.retry),
-            before_sleep=_log_retry(op, machine_id),
+            before_sleep=self._before_retry(op, machine_id),
             reraise=True,
         )
         response: httpx.Response = await retrying(attempt)
         return response
+
+    def _before_retry(self, op: _Op, machine_id: str | None) -> Callable[[RetryCallState], None]:
+        """tenacity's before_sleep: log the retry at warning and count it."""
+
+        def before_sleep(retry_state: RetryCallState) -> None:
+            exc = retry_state.outcome.exception() if retry_state.outcome else None
+            if self._metrics is not None:
+                self._metrics.fly_retries.labels(operation=op.name).inc()
+            log.warning(
+                "fly_request_retrying",
+                operation=op.name,
+                machine_id=machine_id,
+                attempt=retry_state.attempt_number,
+                sleep_s=round(retry_state.upcoming_sleep, 3),
+                status=exc.status if isinstance(exc, FlyError) else None,
+                error=str(exc),
+            )
+
+        return before_sleep
 
     def _backoff(self, retry_state: RetryCallState) -> float:
         """The jittered backoff, or Fly's Retry-After when that is longer."""
@@ -694,21 +723,5 @@ def _wanted(state: str | Sequence[str]) -> frozenset[MachineState]:
     names = [state] if isinstance(state, str) else list(state)
     wanted = frozenset(MachineState.parse(name) for name in names)
     if not wanted or not wanted <= WAITABLE:
-        raise ValueError(f"can only wait for {sorted(WAITABLE)}, not {names}")
+        raise ValueError(f"can only wait for {', '.join(sorted(WAITABLE))}, not {names}")
     return wanted
-
-
-def _log_retry(op: _Op, machine_id: str | None) -> Callable[[RetryCallState], None]:
-    def before_sleep(retry_state: RetryCallState) -> None:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        log.warning(
-            "fly_request_retrying",
-            operation=op.name,
-            machine_id=machine_id,
-            attempt=retry_state.attempt_number,
-            sleep_s=round(retry_state.upcoming_sleep, 3),
-            status=exc.status if isinstance(exc, FlyError) else None,
-            error=str(exc),
-        )
-
-    return before_sleep

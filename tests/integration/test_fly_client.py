@@ -32,6 +32,7 @@ from listener.errors import (
     FlyUnavailableError,
 )
 from listener.fly import FLY_GET_RATE, FLY_RATE, FlyClient, machine_config
+from listener.metrics import Metrics
 from listener.models import ExecResult, Lease, MachineState
 from listener.ratelimit import Rate, RateLimiter
 
@@ -519,6 +520,33 @@ async def test_get_retries_a_503_and_logs_the_retry(
     ]
     assert all(e["duration_ms"] >= 0 and e["operation"] == "get_machine" for e in finished)
     assert not [e for e in logs if e["event"] == "fly_request_failed"]
+
+
+async def test_calls_and_retries_are_counted_when_metrics_are_given(
+    http: httpx.AsyncClient, router: respx.MockRouter
+) -> None:
+    metrics = Metrics()
+    fly = FlyClient(
+        http,
+        base_url=BASE,
+        app_name=APP,
+        token=TOKEN,
+        limiter=RateLimiter(UNLIMITED),
+        wait=wait_none(),
+        metrics=metrics,
+    )
+    router.get("/m1").mock(
+        side_effect=[err(503), httpx.ConnectError("refused"), ok(machine_json())]
+    )
+    await fly.get_machine("m1")
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("fly_api_calls_total", operation="get_machine", status="503") == 1
+    assert sample("fly_api_calls_total", operation="get_machine", status="unreachable") == 1
+    assert sample("fly_api_calls_total", operation="get_machine", status="200") == 1
+    assert sample("fly_api_retries_total", operation="get_machine") == 2
 
 
 @pytest.mark.parametrize(

@@ -71,8 +71,9 @@ class Identity:
 class Authenticator:
     """Checks the API key and the bearer JWT (HS256), remembering tokens it has verified."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, clock: Callable[[], float] = time.time) -> None:
         self._secret = secret
+        self._clock = clock
         self._verified: dict[str, Identity] = {}
 
     def identity(self, request: Request) -> Identity:
@@ -103,7 +104,7 @@ class Authenticator:
             if len(self._verified) >= CLAIMS_CACHE_SIZE:
                 self._verified.clear()
             self._verified[token] = identity
-        if identity.expires_at <= time.time():
+        if identity.expires_at <= self._clock():
             self._verified.pop(token, None)
             raise rest_errors.jwt_error("PGRST303", "JWT expired")
         return identity

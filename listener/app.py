@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import httpx
 import structlog
-from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from listener.config import Settings
 from listener.dispatcher import Dispatcher
@@ -27,7 +26,7 @@ from listener.models import StopReason
 from listener.realtime import RealtimeIntake
 from listener.reconciler import Policy
 from listener.scanner import Scanner
-from listener.store import SandboxStore
+from listener.store import SandboxStore, connect
 from listener.sweeper import Sweeper
 
 log = structlog.get_logger(component="app")
@@ -38,15 +37,6 @@ HTTP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 def new_owner_id() -> str:
     """A name for this process's claims: host, pid and a random suffix."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-async def connect_supabase(settings: Settings) -> AsyncClient:
-    """The service-role Supabase client the store uses."""
-    return await acreate_client(
-        str(settings.supabase_url).rstrip("/"),
-        settings.supabase_service_role_key.get_secret_value(),
-        options=AsyncClientOptions(postgrest_client_timeout=30),
-    )
 
 
 @dataclass
@@ -69,9 +59,16 @@ async def assemble(settings: Settings, *, owner: str | None = None) -> AsyncIter
     """Build every part from settings; the HTTP client closes on exit."""
     metrics = Metrics()
     policy = Policy.from_settings(settings)
-    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+    async with (
+        httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http,
+        httpx.AsyncClient(timeout=HTTP_TIMEOUT) as supabase_http,
+    ):
         fly = FlyClient.from_settings(settings, http, metrics=metrics)
-        supabase = await connect_supabase(settings)
+        supabase = await connect(
+            str(settings.supabase_url),
+            settings.supabase_service_role_key.get_secret_value(),
+            supabase_http,
+        )
         store = SandboxStore(supabase, owner or new_owner_id())
         controller = Controller(
             fly,

@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import httpx
 import structlog
 from realtime.types import RealtimePostgresChangesListenEvent
-from supabase import AsyncClient, AsyncClientOptions, acreate_client
+from supabase import AsyncClient
 
 from listener.app import run
 from listener.config import Settings
 from listener.local import keys
 from listener.local.stack import LocalStack, StackInfo, create_user
 from listener.logs import configure_logging
+from listener.store import connect
 
 log = structlog.get_logger(component="dev")
 
@@ -74,9 +76,9 @@ class Transitions:
         return self.states[session_id]
 
 
-async def watch(info: StackInfo, transitions: Transitions) -> AsyncClient:
+async def watch(info: StackInfo, transitions: Transitions, http: httpx.AsyncClient) -> AsyncClient:
     """Subscribe (as service role) to coding_sessions changes; return once live."""
-    client = await acreate_client(info.supabase_url, info.service_role_key)
+    client = await connect(info.supabase_url, info.service_role_key, http)
     live = asyncio.Event()
     channel = client.channel("dev-view")
     channel.on_postgres_changes(
@@ -91,20 +93,18 @@ async def watch(info: StackInfo, transitions: Transitions) -> AsyncClient:
     return client
 
 
-async def user_client(info: StackInfo, email: str) -> AsyncClient:
+async def user_client(info: StackInfo, email: str, http: httpx.AsyncClient) -> AsyncClient:
     """A supabase client acting as a (created if needed) test user, with their JWT."""
     user_id = create_user(info.db_url, email)
     token = keys.user_token(info.jwt_secret, user_id, email)
-    return await acreate_client(
-        info.supabase_url,
-        info.anon_key,
-        options=AsyncClientOptions(headers={"Authorization": f"Bearer {token}"}),
-    )
+    return await connect(info.supabase_url, info.anon_key, http, access_token=token)
 
 
-async def demo(info: StackInfo, transitions: Transitions, out: TextIO) -> bool:
+async def demo(
+    info: StackInfo, transitions: Transitions, out: TextIO, http: httpx.AsyncClient
+) -> bool:
     """One session end to end as a user would drive it; True if every step happened."""
-    user = await user_client(info, DEMO_EMAIL)
+    user = await user_client(info, DEMO_EMAIL, http)
     inserted = await user.table("coding_sessions").insert({}).execute()
     session_id = str(_rows(inserted.data)[0]["id"])
     print(f"demo: inserted session {session_id} as {DEMO_EMAIL}", file=out, flush=True)
@@ -142,19 +142,22 @@ async def dev(
     """Run the stack and a listener until `stop` (or until the demo finishes)."""
     configure_logging("warning", "console")
     started = time.monotonic()
-    async with LocalStack(data_dir=data_dir, api_port=api_port, fly_port=fly_port) as info:
+    async with (
+        LocalStack(data_dir=data_dir, api_port=api_port, fly_port=fly_port) as info,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
         if env_file:
             info.write_env_file(env_file)
         settings = Settings.from_env({**info.env(), **DEV_SETTINGS})
         transitions = Transitions(out)
-        viewer = await watch(info, transitions)
+        viewer = await watch(info, transitions, http)
         print(_banner(info, time.monotonic() - started), file=out, flush=True)
         ok = True
         async with asyncio.TaskGroup() as tg:
             tg.create_task(run(settings, stop), name="listener")
             if demo_mode:
                 try:
-                    ok = await demo(info, transitions, out)
+                    ok = await demo(info, transitions, out, http)
                 except TimeoutError:
                     print(f"demo: no progress within {DEMO_TIMEOUT_S:.0f} s", file=out)
                     ok = False

@@ -9,12 +9,13 @@ from typing import Any
 import httpx
 import structlog
 from postgrest.exceptions import APIError
-from supabase import AsyncClient
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 from tenacity.wait import WaitBaseT
 
@@ -25,6 +26,17 @@ log = structlog.get_logger(component="store")
 
 Row = Mapping[str, Any]
 TABLE = "coding_sessions"
+
+
+async def connect(
+    url: str, key: str, http: httpx.AsyncClient, *, access_token: str | None = None
+) -> AsyncClient:
+    """A supabase client over our own httpx client (explicit timeouts; the library's own
+    timeout arguments are deprecated). `access_token` acts as a signed-in user instead."""
+    headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
+    return await acreate_client(
+        url.rstrip("/"), key, options=AsyncClientOptions(httpx_client=http, headers=headers)
+    )
 
 
 class _TransientStoreError(StoreError):
@@ -45,7 +57,7 @@ class SandboxStore:
         self._client = client
         self.owner = owner
         self._max_attempts = max_attempts
-        self._wait = wait or wait_exponential_jitter(initial=0.1, max=2.0)
+        self._wait = wait or (wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1))
 
     # -- claims ----------------------------------------------------------------------------
 

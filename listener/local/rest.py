@@ -43,6 +43,7 @@ EXPOSED_HEADERS = [
     "Range-Unit",
 ]
 CLAIMS_CACHE_SIZE = 1024
+STATEMENT_CACHE_SIZE = 512
 # Errors that may mean the schema cache is out of date: reload it on the next request.
 STALE_SQLSTATES = frozenset({"42P01", "42883", "42703", "42804"})
 SETUP = sql.SQL(
@@ -212,6 +213,8 @@ class RestGateway:
         self._pool = pool
         self._auth = Authenticator(jwt_secret)
         self._schema = SchemaCache(pool)
+        # POST /rpc statements by everything but the body: the listener's calls repeat.
+        self._calls: dict[tuple[object, ...], Statement] = {}
 
     async def table(self, request: Request) -> Response:
         """/<table>: GET/HEAD read, POST insert (upsert), PATCH update, DELETE."""
@@ -275,18 +278,27 @@ class RestGateway:
         if method not in RPC_METHODS:
             raise RestError(405, "PGRST101", f"Cannot use the {method} method on RPC")
         identity, q, prefs, single = _prepare(request, self._auth)
+        range_header = request.headers.get("range")
+        lower, limit = rest_query.page_bounds(q, range_header)
+        count = prefs.count is not None
         if method == "POST":
             names, body = rest_query.parse_args(await request.body())
             fn = await self._schema.function(request.path_params["name"], names)
             if names is None and not fn.takes_body:
                 raise rest_errors.bad_body("The body of an RPC call must be a JSON object")
-            args = CallArgs(names or frozenset(), body)
+            key = (fn, names, request.scope["query_string"], range_header, count)
+            template = self._calls.get(key)
+            if template is None:
+                args = CallArgs(names or frozenset(), body)
+                template = rest_sql.call_statement(fn, args, q, lower, limit, count)
+                if len(self._calls) >= STATEMENT_CACHE_SIZE:
+                    self._calls.clear()
+                self._calls[key] = template
+            st = template.with_body(body)
         else:
             names = frozenset(q.args)
             fn = await self._schema.function(request.path_params["name"], names)
-            args = CallArgs(names, None, q.args)
-        lower, limit = rest_query.page_bounds(q, request.headers.get("range"))
-        st = rest_sql.call_statement(fn, args, q, lower, limit, prefs.count is not None)
+            st = rest_sql.call_statement(fn, CallArgs(names, None, q.args), q, lower, limit, count)
         read_only = method != "POST" or not fn.volatile
         result = await self._run(request, identity, st, read_only=read_only, single=single)
         if fn.returns is ReturnKind.VOID:

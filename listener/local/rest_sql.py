@@ -24,6 +24,7 @@ SCHEMA = "public"
 JSONS = frozenset({"json", "jsonb"})
 TABLE_ALIAS = "pgrst_source"
 CALL_ALIAS = "pgrst_call"
+BODY = "body"
 ARRAY_BODY = sql.SQL("coalesce(json_agg(_postgrest_t), '[]')::text")
 NO_BODY = sql.SQL("NULL::text")
 
@@ -190,14 +191,24 @@ def _function_from_json(f: Mapping[str, Any]) -> Function | None:
 
 @dataclass(slots=True)
 class Statement:
-    """One SQL statement answering (total, page_total, body) and its parameters in order."""
+    """One SQL statement answering (total, page_total, body), with named parameters. An RPC's
+    JSON body is the parameter BODY, so one statement serves every body (`with_body`)."""
 
     query: sql.Composed
-    params: list[Any] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def add(self, value: Any) -> sql.Placeholder:
-        self.params.append(value)
-        return sql.Placeholder()
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return sql.Placeholder(name)
+
+    def add_body(self, value: str) -> sql.Placeholder:
+        self.params[BODY] = value
+        return sql.Placeholder(BODY)
+
+    def with_body(self, value: str) -> Statement:
+        """The same statement for another JSON body."""
+        return Statement(self.query, {**self.params, BODY: value})
 
 
 def _table(rel: Relation) -> sql.Identifier:
@@ -445,7 +456,7 @@ def _call_source(fn: Function, args: CallArgs, st: Statement) -> sql.Composable:
     from_body: sql.Composable = sql.SQL("")
     if fn.takes_body:
         arg_sql.append(
-            sql.SQL("{}::{}").format(st.add(args.json_body or "{}"), _type(fn.params[0].type))
+            sql.SQL("{}::{}").format(st.add_body(args.json_body or "{}"), _type(fn.params[0].type))
         )
     else:
         for param in fn.params:
@@ -461,7 +472,7 @@ def _call_source(fn: Function, args: CallArgs, st: Statement) -> sql.Composable:
             arg_sql.append(sql.SQL("{}{} := {}").format(variadic, name, value))
         if body_defs:
             from_body = sql.SQL("json_to_record({}::json) AS pgrst_body({})").format(
-                st.add(args.json_body), sql.SQL(", ").join(body_defs)
+                st.add_body(args.json_body or "{}"), sql.SQL(", ").join(body_defs)
             )
     call = sql.SQL("{}({})").format(function, sql.SQL(", ").join(arg_sql))
     if fn.returns is ReturnKind.COMPOSITE:

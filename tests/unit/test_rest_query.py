@@ -469,15 +469,15 @@ def test_read_statement_quotes_names_and_passes_values_as_parameters() -> None:
     st = rest_sql.read_statement(REL, q, 0, 2, count=False)
     text = st.query.as_string(None)
     assert '"public"."items"."a""b" AS "x"' in text
-    assert '"public"."items"."we""ird" = %s' in text
+    assert '"public"."items"."we""ird" = %(p0)s' in text
     assert "drop table" not in text
-    assert st.params == ["1'; drop table items;--", 2, 0]
+    assert st.params == {"p0": "1'; drop table items;--", "p1": 2, "p2": 0}
 
 
 def test_read_statement_counts_with_the_same_filters() -> None:
     q = parse_query([("name", "in.(a,b)"), ("name", "like.*x*"), ("id", "is.null")])
     st = rest_sql.read_statement(REL, q, 0, None, count=True)
-    assert st.params == ['{"a","b"}', "%x%"] * 2
+    assert list(st.params.values()) == ['{"a","b"}', "%x%"] * 2
     text = st.query.as_string(None)
     assert text.count('"public"."items"."id" IS NULL') == 2
     assert "LIMIT" not in text
@@ -486,7 +486,7 @@ def test_read_statement_counts_with_the_same_filters() -> None:
 def test_empty_in_list_matches_nothing_without_a_parameter() -> None:
     st = rest_sql.read_statement(REL, parse_query([("id", "in.()")]), 0, None, count=False)
     assert "= ANY('{}')" in st.query.as_string(None)
-    assert st.params == []
+    assert st.params == {}
 
 
 def test_insert_upsert_and_minimal_return() -> None:
@@ -509,14 +509,28 @@ def test_call_statement_by_get_casts_each_argument_to_its_type() -> None:
     fn = Function("f", (Param("n", "integer"), Param("tags", "text[]")), ReturnKind.SCALAR)
     args = CallArgs(frozenset({"n", "tags"}), None, {"n": "5", "tags": "{a,b}"})
     st = rest_sql.call_statement(fn, args, QueryParams(), 0, None, count=False)
-    assert '"public"."f"("n" := %s::integer, "tags" := %s::text[])' in st.query.as_string(None)
-    assert st.params == ["5", "{a,b}"]
+    text = st.query.as_string(None)
+    assert '"public"."f"("n" := %(p0)s::integer, "tags" := %(p1)s::text[])' in text
+    assert st.params == {"p0": "5", "p1": "{a,b}"}
+
+
+def test_call_statement_by_post_reads_named_arguments_from_the_body_parameter() -> None:
+    fn = Function("f", (Param("n", "integer"), Param("m", "integer")), ReturnKind.COMPOSITE, True)
+    q = parse_query([("a", "gt.1")])
+    st = rest_sql.call_statement(fn, CallArgs(frozenset({"n"}), '{"n":1}'), q, 0, 5, False)
+    text = st.query.as_string(None)
+    assert 'json_to_record(%(body)s::json) AS pgrst_body("n" integer)' in text
+    assert 'LATERAL "public"."f"("n" := pgrst_body."n") "pgrst_call"' in text
+    assert '"pgrst_call"."a" > %(p1)s' in text
+    assert st.params == {"body": '{"n":1}', "p1": "1", "p2": 5, "p3": 0}
+    assert st.with_body('{"n":2}').params == {"body": '{"n":2}', "p1": "1", "p2": 5, "p3": 0}
 
 
 def test_call_statement_passes_a_body_to_a_single_json_parameter() -> None:
     fn = Function("f", (Param("", "jsonb"),), ReturnKind.SCALAR)
     st = rest_sql.call_statement(fn, CallArgs(json_body="[1]"), QueryParams(), 0, None, False)
-    assert '"public"."f"(%s::jsonb)' in st.query.as_string(None)
+    assert '"public"."f"(%(body)s::jsonb)' in st.query.as_string(None)
+    assert st.with_body("[2]").params == {"body": "[2]"}
 
 
 # ---------------------------------------------------------------- the schema cache

@@ -81,10 +81,17 @@ class Settings(BaseSettings):
     listener_concurrency: int = Field(
         default=16, ge=1, le=1024, description="Concurrent session operations"
     )
-    listener_lease_s: int = Field(default=120, ge=5, description="Claim lease length")
+    listener_lease_s: int = Field(default=120, ge=2, description="Claim lease length")
+    listener_orphan_grace_s: float = Field(
+        default=120.0, ge=0, description="Never reap a machine younger than this"
+    )
     listener_max_attempts: int = Field(
         default=3, ge=1, le=20, description="Provisioning attempts before a row is failed"
     )
+    listener_retry_base_s: float = Field(
+        default=5.0, gt=0, description="First provisioning retry delay (doubles each attempt)"
+    )
+    listener_retry_max_s: float = Field(default=300.0, gt=0, description="Longest retry delay")
     listener_shutdown_grace_s: float = Field(
         default=25.0, ge=0, description="Time in-flight work gets after SIGTERM"
     )

@@ -67,7 +67,9 @@ class Policy:
             max_attempts=settings.listener_max_attempts,
             idle_timeout_s=settings.sandbox_idle_timeout_s,
             max_lifetime_s=settings.sandbox_max_lifetime_s,
-            orphan_grace_s=max(60.0, 2 * settings.listener_sweep_interval_s),
+            retry_base_s=settings.listener_retry_base_s,
+            retry_max_s=settings.listener_retry_max_s,
+            orphan_grace_s=settings.listener_orphan_grace_s,
         )
 
 

@@ -32,6 +32,8 @@ FAST = {
     "LISTENER_LEASE_S": "6",
     "LISTENER_SHUTDOWN_GRACE_S": "5",
     "LISTENER_CONCURRENCY": "16",
+    "LISTENER_RETRY_BASE_S": "0.2",
+    "LISTENER_RETRY_MAX_S": "2",
     "SANDBOX_IMAGE": "registry.fly.io/sandbox:test",
     "LOG_LEVEL": "warning",
     "LOG_FORMAT": "json",
@@ -233,3 +235,25 @@ def fly_calls(stack: StackThread) -> Mapping[tuple[str, int], int]:
     fly = stack.stack.fly
     assert fly is not None
     return fly.call_counts()
+
+
+def set_faults(stack: StackThread, **knobs: object) -> None:
+    """Change the emulator's latency and fault knobs at runtime (on the stack's own loop)."""
+    fly = stack.stack.fly
+    assert fly is not None
+
+    async def apply() -> None:
+        fly.set_options(**knobs)
+
+    stack.call(apply)
+
+
+def vanish(stack: StackThread, machine_id: str) -> None:
+    """Host failure: the machine disappears without any API call."""
+    fly = stack.stack.fly
+    assert fly is not None
+
+    async def apply() -> None:
+        fly.vanish(machine_id)
+
+    stack.call(apply)

@@ -74,18 +74,18 @@ def session_row(db_url: str, session_id: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def machines(stack: StackThread, include_deleted: bool = False) -> list[Any]:
-    """The emulator's inventory (snapshots)."""
+def machines(stack: StackThread) -> list[Any]:
+    """The emulator's active machines (not destroying or destroyed, as fly-go's IsActive)."""
     fly = stack.stack.fly
     assert fly is not None
-    return fly.machines(include_deleted=include_deleted)
+    return [m for m in fly.machines() if m.state not in ("destroying", "destroyed")]
 
 
 def invariant_violations(stack: StackThread) -> list[str]:
     """No machine without a live row, no ready row without a started machine, one per session."""
     problems: list[str] = []
     by_id = {str(r["id"]): r for r in rows(stack.info.db_url)}
-    live = [m for m in machines(stack) if m.state not in ("destroyed", "destroying")]
+    live = machines(stack)
     per_session: dict[str, list[str]] = {}
     for m in live:
         session_id = m.metadata.get("session_id")

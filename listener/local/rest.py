@@ -161,9 +161,17 @@ class SchemaCache:
         async with self._lock:
             if self._catalog is not None and self._catalog is not seen and not self._stale:
                 return self._catalog  # another request reloaded it while this one waited
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(rest_sql.CATALOG_QUERY)
-                row = await cur.fetchone()
+            try:
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute(rest_sql.CATALOG_QUERY)
+                    row = await cur.fetchone()
+            except psycopg.Error as exc:
+                raise RestError(
+                    503,
+                    "PGRST002",
+                    "Could not query the database for the schema cache. Retrying.",
+                    str(exc),
+                ) from None
             assert row is not None
             self._catalog = rest_sql.catalog_from_json(json.loads(row[0]))
             self._stale = False
@@ -231,13 +239,24 @@ class RestGateway:
         if method not in TABLE_METHODS:
             raise RestError(405, "PGRST117", f"Unsupported HTTP method: {method}")
         identity, q, prefs, single = _prepare(request, self._auth)
-        name = request.path_params["name"]
         if method in ("GET", "HEAD"):
-            rel = await self._schema.relation(name)
+            rel = await self._schema.relation(request.path_params["name"])
             lower, limit = rest_query.page_bounds(q, request.headers.get("range"))
             st = rest_sql.read_statement(rel, q, lower, limit, prefs.count is not None)
             result = await self._run(request, identity, st, read_only=True, single=single)
             return _read_response(request, result, lower, prefs, single)
+        return await self._write(request, identity, q, prefs, single)
+
+    async def _write(
+        self,
+        request: Request,
+        identity: Identity,
+        q: QueryParams,
+        prefs: Preferences,
+        single: bool,
+    ) -> Response:
+        """POST (insert, upsert), PATCH and DELETE on a table."""
+        method, name = request.method, request.path_params["name"]
         representation = prefs.returning == "representation"
         select = (q.select or (SelectItem("*"),)) if representation else None
         conflict = None
@@ -263,7 +282,7 @@ class RestGateway:
         else:  # PostgREST gives no span for inserts and deletes: */total
             content_range = rest_query.content_range(1, 0, counted)
         headers = {"content-range": content_range}
-        applied = prefs.applied(write=True, resolution=method == "POST" and conflict is not None)
+        applied = prefs.applied(write=True, resolution=conflict is not None)
         if applied:
             headers["preference-applied"] = applied
         if not representation:
@@ -316,7 +335,7 @@ class RestGateway:
             identity.role,
             identity.claims,
             request.method,
-            request.url.path.removeprefix(request.scope.get("root_path", "")),
+            request.scope["path"].removeprefix(request.scope.get("root_path", "")),
             json.dumps(dict(request.headers), separators=(",", ":")),
             "on" if read_only else "off",
         )

@@ -13,11 +13,14 @@ import httpx
 import psycopg
 import pytest
 from postgrest.exceptions import APIError
+from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
+from structlog.testing import capture_logs
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from listener.local import keys
-from listener.local.rest import Authenticator
+from listener.local import keys, rest_sql
+from listener.local.postgres import EmbeddedPostgres
+from listener.local.rest import Authenticator, create_rest_app
 from listener.local.rest_errors import RestError
 from listener.local.stack import StackThread, create_user
 
@@ -563,6 +566,8 @@ async def test_rpc_results_take_filters_order_limit_and_single(
     with pytest.raises(APIError) as exc:
         await service.rpc(pairs, {"x": 3}).single().execute()
     assert (exc.value.code, exc.value.details) == ("PGRST116", "The result contains 3 rows")
+    head = await service.rpc(pairs, {"x": 3}, count="exact", head=True).execute()
+    assert (head.data, head.count) == ([], 3)
     counted = await http.post(
         f"/rpc/{pairs}?limit=1", json={"x": 3}, headers={"Prefer": "count=exact"}
     )
@@ -938,3 +943,56 @@ async def test_listener_functions_over_rpc(
             "claim_session", {"p_id": session["id"], "p_owner": "x", "p_lease_s": 1}
         ).execute()
     assert exc.value.code == "42501"
+
+
+# ---------------------------------------------------------------- failures of the gateway itself
+
+
+OwnApp = tuple[AsyncConnectionPool, httpx.AsyncClient]
+
+
+@pytest.fixture
+async def own_app(stack: StackThread, postgres: EmbeddedPostgres) -> AsyncIterator[OwnApp]:
+    """The REST app on its own pool, in this test's loop (so the pool can be broken)."""
+    pool = AsyncConnectionPool(
+        postgres.role_dsn("authenticator"), min_size=1, max_size=2, open=False, timeout=2
+    )
+    await pool.open(wait=True, timeout=10)
+    key = stack.info.service_role_key
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_rest_app(pool, stack.info.jwt_secret)),
+        base_url="http://rest",
+        headers={"apikey": key},
+    ) as client:
+        yield pool, client
+    await pool.close()
+
+
+async def test_database_unavailable_is_503(names: Names, own_app: OwnApp) -> None:
+    pool, client = own_app
+    assert (await client.get(f"/{names.items}?id=eq.1")).status_code == 200
+    await pool.close()
+    body = assert_pgrst_error(await client.get(f"/{names.items}"), 503, "PGRST001")
+    assert body["message"] == "Database client error. Retrying the connection."
+    body = assert_pgrst_error(await client.get(f"/{names.items}x"), 503, "PGRST002")
+    assert body["message"] == "Could not query the database for the schema cache. Retrying."
+
+
+async def test_unexpected_failure_is_a_500_json_error_and_a_log_line(
+    names: Names,
+    own_app: OwnApp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, client = own_app
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(rest_sql, "read_statement", broken)
+    with capture_logs() as logs:
+        response = await client.get(f"/{names.items}")
+    body = assert_pgrst_error(response, 500, "PGRSTX00")
+    assert "bug" not in response.text and "Traceback" not in response.text
+    assert body["message"] == "Internal error in the local REST gateway"
+    errors = [(e["event"], e["method"]) for e in logs if e["log_level"] == "error"]
+    assert errors == [("rest_request_failed", "GET")]

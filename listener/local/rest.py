@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 import psycopg
@@ -147,10 +149,27 @@ class SchemaCache:
         self._catalog: Catalog | None = None
         self._stale = True
         self._lock = asyncio.Lock()
+        self._listening: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
     def invalidate(self) -> None:
         """Reload before the next lookup."""
         self._stale = True
+
+    def on_notify(self, notify: psycopg.Notify) -> None:
+        """`NOTIFY pgrst, 'reload schema'` (or an empty payload), as PostgREST listens for it."""
+        if notify.payload in ("", "reload schema"):
+            self.invalidate()
+
+    async def listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Make a pool connection hear `pgrst` notifications (once per connection). They
+        arrive with the connection's next result, so at most one request per connection
+        still runs on the old cache."""
+        if conn in self._listening:
+            return
+        await conn.execute("LISTEN pgrst")
+        await conn.commit()
+        conn.add_notify_handler(self.on_notify)
+        self._listening.add(conn)
 
     async def _current(self) -> Catalog:
         if self._catalog is None or self._stale:
@@ -341,6 +360,7 @@ class RestGateway:
         )
         try:
             async with self._pool.connection() as conn:
+                await self._schema.listen(conn)
                 await conn.execute(SETUP, setup)
                 cur = await conn.execute(st.query, st.params)
                 row = await cur.fetchone()

@@ -851,6 +851,31 @@ async def test_new_and_changed_objects_are_found_without_a_restart(
             db.execute(f"drop table {name}; drop function {name}_f".encode())
 
 
+async def test_notify_pgrst_reloads_the_schema_cache(
+    stack: StackThread, http: httpx.AsyncClient
+) -> None:
+    name = f"rest_shape_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(stack.info.db_url, autocommit=True) as db:
+        db.execute(f"create function {name}() returns int language sql as 'select 1'".encode())
+    try:
+        assert (await http.post(f"/rpc/{name}")).json() == 1
+        with psycopg.connect(stack.info.db_url, autocommit=True) as db:
+            db.execute(f"drop function {name}()".encode())
+            db.execute(
+                f"create function {name}() returns setof int language sql as "
+                f"'select * from generate_series(1, 2)'".encode()
+            )
+            db.execute("notify pgrst, 'reload schema'")
+        # Same name and arguments, so only the notification tells the cache the shape changed.
+        deadline = time.monotonic() + 5
+        while (answer := (await http.post(f"/rpc/{name}")).json()) != [1, 2]:
+            assert answer == 1
+            assert time.monotonic() < deadline, "NOTIFY pgrst was not heard"
+    finally:
+        with psycopg.connect(stack.info.db_url, autocommit=True) as db:
+            db.execute(f"drop function {name}()".encode())
+
+
 async def test_cors_preflight_and_exposed_headers(names: Names, http: httpx.AsyncClient) -> None:
     preflight = await http.options(
         f"/{names.items}",

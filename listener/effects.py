@@ -62,7 +62,7 @@ class MachineApi(Protocol):
         self, *, metadata: Mapping[str, str] | None = None
     ) -> list[Machine]: ...
     async def wait_for_state(
-        self, machine_id: str, state: str = ..., *, timeout_s: float
+        self, machine_id: str, state: str = ..., *, timeout_s: float, known: Machine | None = None
     ) -> Machine: ...
     async def destroy(self, machine_id: str, *, force: bool = True) -> None: ...
     async def exec(
@@ -180,7 +180,7 @@ class Controller:
                 row = await self.store.set_machine(row, machine.id, machine.region)
             with structlog.contextvars.bound_contextvars(machine_id=machine.id):
                 machine = await self.fly.wait_for_state(
-                    machine.id, MachineState.STARTED, timeout_s=self.start_timeout_s
+                    machine.id, MachineState.STARTED, timeout_s=self.start_timeout_s, known=machine
                 )
                 output = await self._smoke(machine)
                 row = await self.store.mark_ready(row, self.policy.idle_timeout_s)

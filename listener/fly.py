@@ -471,24 +471,32 @@ class FlyClient:
         *,
         timeout_s: float,
         instance_id: str | None = None,
+        known: Machine | None = None,
     ) -> Machine:
-        """Wait until the machine is in (one of) `state`; return it as last read.
+        """Wait until the machine is in (one of) `state`; return it.
 
         Alternates a GET with a server-side wait (1..60 s; 408 means not yet) until `timeout_s`,
         checked between calls: FlyTimeoutError then, FlyStateError as soon as the machine is in
-        a state it cannot leave for the wanted one. Waiting for `destroyed`, a 404 is success
-        and the result is the last machine read (or a bare one) marked destroyed.
+        a state it cannot leave for the wanted one. `known` (e.g. the create response) stands in
+        for the first GET, and a 200 naming a wanted state ends the wait without another GET,
+        so a fresh machine costs one call. Waiting for `destroyed`, a 404 is success and the
+        result is the last machine read (or a bare one) marked destroyed.
         """
         wanted = _wanted(state)
         deadline = self._clock() + timeout_s
-        machine = Machine(id=machine_id, state=MachineState.UNKNOWN, region="", instance_id="")
+        machine = known or Machine(
+            id=machine_id, state=MachineState.UNKNOWN, region="", instance_id=""
+        )
+        fresh = known is not None
         while True:
-            try:
-                machine = await self.get_machine(machine_id)
-            except FlyNotFoundError:
-                if MachineState.DESTROYED in wanted:
-                    return replace(machine, state=MachineState.DESTROYED)
-                raise
+            if not fresh:
+                try:
+                    machine = await self.get_machine(machine_id)
+                except FlyNotFoundError:
+                    if MachineState.DESTROYED in wanted:
+                        return replace(machine, state=MachineState.DESTROYED)
+                    raise
+            fresh = False
             verdict = wait_verdict(machine.state, wanted)
             if verdict == "reached":
                 return machine
@@ -504,7 +512,9 @@ class FlyClient:
                     f"wait_for_state: machine {machine_id} still {machine.state} "
                     f"after {timeout_s:g}s waiting for {goal}"
                 )
-            await self._wait_once(machine, wanted, remaining_s, instance_id)
+            reached = await self._wait_once(machine, wanted, remaining_s, instance_id)
+            if reached is not None:
+                return replace(machine, state=reached)
 
     async def start(self, machine_id: str, *, nonce: str | None = None) -> None:
         """Start a created, stopped or suspended machine."""
@@ -602,8 +612,8 @@ class FlyClient:
         wanted: frozenset[MachineState],
         remaining_s: float,
         instance_id: str | None,
-    ) -> None:
-        """One server-side wait; returns on 200 and on 408 alike (the caller re-reads)."""
+    ) -> MachineState | None:
+        """One server-side wait: the wanted state Fly says was reached, or None to re-read."""
         timeout = server_wait_s(remaining_s)
         params = [("state", str(s)) for s in sorted(wanted)] + [("timeout", str(timeout))]
         # Some API versions need the version to wait for stopped: use the one just read.
@@ -611,7 +621,7 @@ class FlyClient:
         if version:
             params.append(("version", version))
         try:
-            await self._send(
+            response = await self._send(
                 _WAIT,
                 machine.id,
                 params=params,
@@ -619,10 +629,12 @@ class FlyClient:
                 budget_s=remaining_s,
             )
         except FlyTimeoutError:
-            return
+            return None
         except FlyNotFoundError:
             if MachineState.DESTROYED not in wanted:
                 raise
+            return MachineState.DESTROYED
+        return _reached(response, wanted)
 
     async def _send(
         self,
@@ -711,6 +723,22 @@ class FlyClient:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         hinted = exc.retry_after_s if isinstance(exc, FlyRateLimitedError) else None
         return max(backoff, hinted or 0.0)
+
+
+def _reached(response: httpx.Response, wanted: frozenset[MachineState]) -> MachineState | None:
+    """The state a 200 wait answer names, if it is one of `wanted`; otherwise None (re-read).
+
+    The docs' example body is only `{"ok": true}`; then a single wanted state is implied.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    named = body.get("state") if isinstance(body, dict) else None
+    if isinstance(named, str):
+        state = MachineState.parse(named)
+        return state if state in wanted else None
+    return next(iter(wanted)) if len(wanted) == 1 else None
 
 
 def _lease(response: httpx.Response, op: _Op) -> Lease:

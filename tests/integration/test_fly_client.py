@@ -33,7 +33,7 @@ from listener.errors import (
 )
 from listener.fly import FLY_GET_RATE, FLY_RATE, FlyClient, machine_config
 from listener.metrics import Metrics
-from listener.models import ExecResult, Lease, MachineState
+from listener.models import ExecResult, Lease, Machine, MachineState
 from listener.ratelimit import Rate, RateLimiter
 
 BASE = "http://fly.test"
@@ -677,7 +677,6 @@ async def test_wait_loops_on_408_rereading_the_machine_until_started(
         side_effect=[
             ok(machine_json(state="created")),
             ok(machine_json(state="starting")),
-            ok(machine_json(state="started")),
         ]
     )
     wait = router.get("/m1/wait").mock(
@@ -685,9 +684,32 @@ async def test_wait_loops_on_408_rereading_the_machine_until_started(
     )
     machine = await fly.wait_for_state("m1", "started", timeout_s=90)
     assert machine.state is MachineState.STARTED
-    assert (get.call_count, wait.call_count) == (3, 2)
+    # GET, wait (408), GET, wait (200 names the state): no GET after the 200
+    assert (get.call_count, wait.call_count) == (2, 2)
     assert query(wait, 0) == [("state", "started"), ("timeout", "60")]
     assert wait.calls[0].request.extensions["timeout"]["read"] == 75
+
+
+async def test_wait_from_a_known_machine_costs_one_call(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    wait = router.get("/m1/wait").mock(return_value=ok({"ok": True}))  # no GET route: none made
+    created = Machine(id="m1", state=MachineState.CREATED, region="iad", instance_id="v1")
+    machine = await fly.wait_for_state("m1", "started", timeout_s=30, known=created)
+    assert machine.state is MachineState.STARTED and machine.region == "iad"
+    assert wait.call_count == 1
+
+
+async def test_wait_rereads_when_a_200_names_an_unwanted_state(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    get = router.get("/m1").mock(
+        side_effect=[ok(machine_json(state="starting")), ok(machine_json(state="started"))]
+    )
+    wait = router.get("/m1/wait").mock(return_value=ok({"ok": True, "state": "stopped"}))
+    machine = await fly.wait_for_state("m1", "started", timeout_s=30)
+    assert machine.state is MachineState.STARTED
+    assert (get.call_count, wait.call_count) == (2, 1)
 
 
 async def test_wait_returns_at_once_when_already_there(

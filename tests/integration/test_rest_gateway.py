@@ -288,7 +288,7 @@ async def test_service_role_sees_every_users_rows(
 
 
 async def test_request_runs_as_the_jwt_role_with_claims_and_request_gucs(
-    stack: StackThread, names: Names, connect: Connect
+    stack: StackThread, names: Names, connect: Connect, http: httpx.AsyncClient
 ) -> None:
     user = new_user(stack)
     me = (await (await connect(user=user)).rpc(names("whoami"), {}).execute()).data
@@ -299,6 +299,10 @@ async def test_request_runs_as_the_jwt_role_with_claims_and_request_gucs(
     assert me["read_only"] == "on"  # a STABLE function runs read-only
     anon = (await (await connect()).rpc(names("whoami"), {}).execute()).data
     assert (anon["user"], anon["sub"]) == ("anon", None)
+    key_only = await http.post(
+        f"/rpc/{names('whoami')}", headers={"apikey": stack.info.anon_key, "Authorization": ""}
+    )
+    assert key_only.json()["user"] == "anon"
 
 
 # ---------------------------------------------------------------- verbs: status codes and shapes
@@ -771,6 +775,7 @@ def test_a_remembered_token_still_expires(stack: StackThread) -> None:
         ("forged", "JWT cryptographic operation failed"),
         ("not.a-jwt", "Expected 3 parts in JWT; got 2"),
         ("a.b.c", "JWT couldn't be decoded"),
+        ("", "Empty JWT is sent in Authorization header"),
     ],
 )
 async def test_forged_or_garbage_token_is_pgrst301(
@@ -779,7 +784,8 @@ async def test_forged_or_garbage_token_is_pgrst301(
     if token == "forged":
         claims = {"role": "service_role", "exp": int(time.time()) + 60}
         token = keys.sign("a-different-secret-of-enough-length!", claims)
-    response = await http.get(f"/{names.items}", headers={"Authorization": f"Bearer {token}"})
+    authorization = f"Bearer {token}".strip()  # HTTP drops trailing spaces: "Bearer" alone
+    response = await http.get(f"/{names.items}", headers={"Authorization": authorization})
     body = assert_pgrst_error(response, 401, "PGRST301")
     assert body["message"] == message
     assert response.headers["www-authenticate"].startswith('Bearer error="invalid_token"')

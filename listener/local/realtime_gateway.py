@@ -17,7 +17,7 @@ import structlog
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from listener.local import keys
 from listener.local.wal import PUBLICATION, RowChange, Table, Transaction, WalStream
@@ -28,6 +28,7 @@ IDLE_TIMEOUT_S = 60.0  # Phoenix closes a websocket that sent nothing for this l
 TICK_S = 1.0  # how often idle sockets and expired tokens are looked for
 ID_SPACE = 2**27 - 1  # :erlang.phash2/1 range; ids are 1..ID_SPACE
 MAX_IN_VALUES = 100
+VISIBILITY_TIMEOUT_S = 1.0  # how long a decoded commit may take to become visible to others
 TOPIC_PREFIX = "realtime:"
 EVENTS = frozenset({"*", "INSERT", "UPDATE", "DELETE"})
 OPERATORS = {"eq": "=", "neq": "<>", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
@@ -274,6 +275,11 @@ select r.rolbypassrls or r.rolsuper,
                and has_column_privilege(r.oid, a.attrelid, a.attnum, 'SELECT'))
 from pg_roles r where r.rolname = %(role)s
 """
+# Is the (32-bit) xid visible to a new snapshot? Its epoch is taken from the snapshot's xmax.
+_VISIBLE_SQL = """
+select pg_visible_in_snapshot(((pg_snapshot_xmax(s)::text::int8 >> 32 << 32) | %s)::text::xid8, s)
+from pg_current_snapshot() s
+"""
 _CLAIMS_SQL = "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)"
 _COLUMN_SQL = """
 select format_type(a.atttypid, null), has_column_privilege(%(role)s, a.attrelid, a.attnum, 'SELECT')
@@ -300,6 +306,7 @@ class RealtimeGateway:
         self._delivering = asyncio.Event()
         self._delivering.set()
         self._access_cache: dict[tuple[int, str], tuple[int, _Access | None]] = {}
+        self._visible_xid: int | None = None  # the last transaction known visible to others
         self._pool: AsyncConnectionPool | None = None
         self._stream: WalStream | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -436,7 +443,7 @@ class RealtimeGateway:
                     return
                 await conn.websocket.send_text(item)
                 self.frames_sent += 1
-        except (OSError, RuntimeError):  # the peer is gone; the reader sees the disconnect
+        except (WebSocketDisconnect, OSError, RuntimeError):  # the peer is gone
             return
         finally:
             conn.done.set()
@@ -474,7 +481,7 @@ class RealtimeGateway:
         if topic == "phoenix" and event == "heartbeat":
             conn.send(reply(topic, ref, "ok", {}))
         elif event == "phx_join" and topic.startswith(TOPIC_PREFIX):
-            self._join(conn, topic, payload, ref, msg.get("join_ref", ref))
+            self._join(conn, topic, payload, ref, msg.get("join_ref") or ref)
         elif channel is not None:
             self._channel_event(conn, channel, event, payload, ref)
         elif event == "phx_leave":
@@ -639,13 +646,13 @@ class RealtimeGateway:
             await self._delivering.wait()
             self.pending -= 1
             for change in txn.changes:
-                self.changes_seen += 1
                 try:
-                    await self._dispatch(change, txn.commit_timestamp)
+                    await self._dispatch(change, txn)
                 except Exception:  # one change must not stop delivery
                     log.exception("realtime_dispatch_failed", table=change.table.name)
+                self.changes_seen += 1  # handled: sent, filtered out or failed
 
-    async def _dispatch(self, change: RowChange, commit_timestamp: str) -> None:
+    async def _dispatch(self, change: RowChange, txn: Transaction) -> None:
         """Send one frame per channel that may see `change`, with all its matching binding ids."""
         targets = [
             (conn, channel, [b for b in channel.bindings if b.matches(change.table, change.type)])
@@ -667,7 +674,7 @@ class RealtimeGateway:
                 continue
             key = (channel.role, channel.claims_json)
             if key not in views:
-                views[key] = await self._view(change, commit_timestamp, *key)
+                views[key] = await self._view(change, txn, *key)
             data = views[key]
             if data is not None:
                 payload = f'{{"ids":{json.dumps(ids)},"data":{data}}}'
@@ -708,7 +715,7 @@ class RealtimeGateway:
         return verdicts
 
     async def _view(
-        self, change: RowChange, commit_timestamp: str, role: str, claims_json: str
+        self, change: RowChange, txn: Transaction, role: str, claims_json: str
     ) -> str | None:
         """The serialized `data` one role (with these claims) may see, or None if invisible."""
         table = change.table
@@ -718,9 +725,25 @@ class RealtimeGateway:
         if not set(table.primary_key) <= access.columns:
             return None
         needs_rls = table.rls_enabled and not access.bypass_rls and change.type != "DELETE"
-        if needs_rls and not await self._row_visible(change, role, claims_json):
-            return None
-        return json.dumps(change_data(change, commit_timestamp, access.columns))
+        if needs_rls:
+            await self._await_visible(txn.xid)
+            if not await self._row_visible(change, role, claims_json):
+                return None
+        return json.dumps(change_data(change, txn.commit_timestamp, access.columns))
+
+    async def _await_visible(self, xid: int) -> None:
+        """Wait until other sessions see transaction `xid` (decoding can deliver it earlier)."""
+        if xid == self._visible_xid:
+            return
+        assert self._pool is not None
+        deadline = time.monotonic() + VISIBILITY_TIMEOUT_S
+        async with self._pool.connection() as db:
+            while not (await (await db.execute(_VISIBLE_SQL, (xid,))).fetchone() or (False,))[0]:
+                if time.monotonic() > deadline:
+                    log.warning("realtime_commit_not_visible", xid=xid)
+                    return
+                await asyncio.sleep(0.001)
+        self._visible_xid = xid
 
     async def _access(self, table: Table, role: str) -> _Access | None:
         """The role's selectable columns and RLS bypass, cached until the relation changes."""

@@ -209,6 +209,7 @@ class RowChange:
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
+    xid: int
     commit_timestamp: str
     changes: tuple[RowChange, ...]
 
@@ -241,13 +242,14 @@ class ChangeAssembler:
     describe: Describe
     tables: dict[int, Table] = field(default_factory=dict)
     _pending: list[RowChange] = field(default_factory=list)
+    _xid: int = 0
     _versions: int = 0
 
     def feed(self, message: pgoutput.Message) -> Transaction | None:
         """Consume one message; return the transaction when `message` is its Commit."""
         match message:
             case pgoutput.Begin():
-                self._pending = []
+                self._pending, self._xid = [], message.xid
             case pgoutput.Relation():
                 self._versions += 1
                 self.tables[message.relation_id] = self.describe(message, self._versions)
@@ -263,10 +265,15 @@ class ChangeAssembler:
                 self._pending.append(RowChange(table, "DELETE", None, _record(table, old), old))
             case pgoutput.Commit():
                 changes, self._pending = tuple(self._pending), []
-                return Transaction(format_commit_timestamp(message.commit_time), changes)
+                return Transaction(self._xid, format_commit_timestamp(message.commit_time), changes)
             case pgoutput.Origin() | pgoutput.Type() | pgoutput.Truncate():
                 pass  # Realtime's postgres_changes carries no truncates; types come via describe
         return None
+
+    def restart(self) -> None:
+        """Forget relations and any open transaction (a new stream resends both); versions go on."""
+        self.tables.clear()
+        self._pending = []
 
     def _update(self, message: pgoutput.Update) -> RowChange:
         table = self.tables[message.relation_id]
@@ -358,13 +365,13 @@ class WalStream:
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
-        self._conn: Any = None  # psycopg2 LogicalReplicationConnection
+        self._cursor: Any = None  # psycopg2 ReplicationCursor, streaming
         self.slot_name = f"realtime_{uuid.uuid4().hex[:16]}"
         self.backend_pid: int | None = None
 
     def start(self) -> None:
         """Create the slot and start streaming (blocking; call from a worker thread)."""
-        self._conn = self._open()
+        self._cursor = self._open()
         self._thread = threading.Thread(target=self._run, name="wal-stream", daemon=True)
         self._thread.start()
 
@@ -385,35 +392,37 @@ class WalStream:
             options=SESSION_OPTIONS,
         )
         cur = conn.cursor()
-        cur.execute(f"CREATE_REPLICATION_SLOT {self.slot_name} TEMPORARY LOGICAL pgoutput")
-        cur.start_replication(
-            slot_name=self.slot_name,
-            decode=False,
-            options={"proto_version": "1", "publication_names": PUBLICATION},
-        )
+        try:
+            cur.execute(f"CREATE_REPLICATION_SLOT {self.slot_name} TEMPORARY LOGICAL pgoutput")
+            cur.start_replication(
+                slot_name=self.slot_name,
+                decode=False,
+                options={"proto_version": "1", "publication_names": PUBLICATION},
+            )
+        except BaseException:
+            conn.close()
+            raise
         self.backend_pid = conn.get_backend_pid()
         log.info("wal_stream_started", slot=self.slot_name)
-        return conn
+        return cur
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._cursor is not None:
+            self._cursor.connection.close()
+            self._cursor = None
 
     def _run(self) -> None:
         catalog = Catalog(self._dsn)
+        assembler = ChangeAssembler(catalog.describe)
         try:
             while not self._stopping.is_set():
                 try:
-                    if self._conn is None:
-                        self._conn = self._open()
-                    self._consume(self._conn.cursor(), ChangeAssembler(catalog.describe))
-                except (
-                    psycopg2.Error,
-                    psycopg.Error,
-                    ValueError,
-                ) as exc:  # ValueError: bad message
-                    log.warning("wal_stream_failed", error=str(exc))
+                    if self._cursor is None:
+                        self._cursor = self._open()
+                        assembler.restart()
+                    self._consume(self._cursor, assembler)
+                except Exception:  # reconnect with a new slot, whatever broke
+                    log.exception("wal_stream_failed")
                     self._close()
                     catalog.close()
                     self._stopping.wait(RETRY_DELAY_S)

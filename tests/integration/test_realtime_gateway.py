@@ -542,6 +542,37 @@ async def test_an_invisible_column_cannot_be_filtered_by_a_user(
     assert error is not None and "invalid column for filter secret" in error
 
 
+async def test_a_role_that_does_not_exist_cannot_subscribe_with_a_filter(
+    stack: StackThread, raw: Raw, table: str
+) -> None:
+    token = keys.sign(stack.info.jwt_secret, {"role": "nobody", "exp": int(time.time()) + 60})
+    binding = {"event": "*", "schema": "public", "table": table, "filter": "n=eq.1"}
+    await raw.send("realtime:who", "phx_join", join_payload([binding], token), "1", "1")
+    assert (await raw.recv())["payload"]["status"] == "ok"
+    system = (await raw.recv())["payload"]
+    assert (system["extension"], system["status"]) == ("postgres_changes", "error")
+    assert system["message"] == (
+        "Unable to subscribe to changes with given parameters: "
+        'ERROR 42704 (undefined_object) role "nobody" does not exist'
+    )
+
+
+async def test_a_failing_rls_policy_hides_the_row(
+    stack: StackThread, table: str, db: Any, clients: Any
+) -> None:
+    alice = uuid.uuid4()
+    feed = await subscribe(await clients(alice), "boom", [{"event": "INSERT", "table": table}])
+    ident = sql.Identifier(table)
+    await db.execute(sql.SQL("alter policy own on {} using ((1 / 0) = 1)").format(ident))
+    seen = gateway(stack).changes_seen
+    await insert(db, table, user_id=str(alice), label="hidden by an error")
+    # Realtime checks RLS when it handles the change, so keep the policy until then.
+    await eventually(lambda: gateway(stack).changes_seen > seen, "the change to be handled")
+    await db.execute(sql.SQL("alter policy own on {} using (user_id = auth.uid())").format(ident))
+    sentinel = await insert(db, table, user_id=str(alice), label="visible")
+    assert (await feed.change())["data"]["record"]["id"] == sentinel
+
+
 # -- protocol, over a raw websocket ---------------------------------------------------------------
 
 
@@ -686,6 +717,26 @@ async def test_join_errors(
     assert message["payload"]["response"]["reason"].startswith(reason)
 
 
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ("yes", "InvalidJoinPayload: config must be an object"),
+        (
+            {"postgres_changes": {"event": "*"}},
+            "InvalidJoinPayload: config.postgres_changes must be a list of objects",
+        ),
+        (
+            {"postgres_changes": ["*"]},
+            "InvalidJoinPayload: config.postgres_changes must be a list of objects",
+        ),
+        ({"broadcast": "yes"}, "InvalidJoinPayload: config.broadcast must be an object"),
+    ],
+)
+async def test_join_with_a_malformed_config_is_refused(raw: Raw, config: Any, reason: str) -> None:
+    await raw.send("realtime:bad", "phx_join", {"config": config}, "1", "1")
+    assert (await raw.recv())["payload"] == {"status": "error", "response": {"reason": reason}}
+
+
 async def test_join_reply_echoes_bindings_with_stable_ids(raw: Raw, table: str) -> None:
     bindings = [
         {"event": "*", "schema": "public", "table": table},
@@ -823,6 +874,8 @@ async def test_broadcast_reaches_other_sockets_and_self_when_asked(
         assert await other.recv() == expected
         got = [await raw.recv(), await raw.recv()]
         assert expected in got
+        await other.send("realtime:room", "presence", {"event": "track", "payload": {}}, "2", "1")
+        assert (await other.recv())["payload"] == {"status": "ok", "response": {}}
         assert {
             "topic": "realtime:room",
             "event": "phx_reply",
@@ -875,6 +928,14 @@ async def test_handshake_rejects_bad_apikeys_with_401(
     response = info.value.response
     assert response.status_code == 401
     assert json.loads(response.body)["error"].startswith(error)
+
+
+async def test_handshake_accepts_the_key_in_the_x_api_key_header(stack: StackThread) -> None:
+    headers = {"x-api-key": stack.info.anon_key}
+    async with websockets.connect(ws_url(stack, None), additional_headers=headers) as ws:
+        raw = Raw(ws)
+        await raw.send("phoenix", "heartbeat", {}, "1")
+        assert (await raw.recv())["payload"]["status"] == "ok"
 
 
 async def test_realtime_client_fails_to_connect_with_an_expired_key(stack: StackThread) -> None:

@@ -200,7 +200,7 @@ COMMIT = pgoutput.Commit(0, 1, 2, COMMIT_TIME)
 def test_insert_becomes_a_record_with_typed_values() -> None:
     txn = run(BEGIN, RELATION, pgoutput.Insert(7, ("1", "a", None)), COMMIT)
     assert txn is not None
-    assert txn.commit_timestamp == "2026-04-20T11:33:20.123Z"
+    assert (txn.xid, txn.commit_timestamp) == (9, "2026-04-20T11:33:20.123Z")
     (change,) = txn.changes
     assert (change.type, change.record, change.old_record) == (
         "INSERT",
@@ -284,6 +284,17 @@ def test_a_new_relation_message_bumps_the_table_version() -> None:
     txn = assembler.feed(COMMIT)
     assert txn is not None
     assert txn.changes[0].table.version == 2
+
+
+def test_restart_forgets_relations_but_keeps_counting_versions() -> None:
+    assembler = wal.ChangeAssembler(describe)
+    for message in (BEGIN, RELATION, pgoutput.Insert(7, ("1", "a", None))):
+        assembler.feed(message)
+    assembler.restart()
+    assert assembler.tables == {}
+    assert assembler.feed(COMMIT) == wal.Transaction(9, "2026-04-20T11:33:20.123Z", ())
+    assembler.feed(RELATION)
+    assert assembler.tables[7].version == 2
 
 
 def test_commit_timestamp_truncates_to_milliseconds_in_utc() -> None:

@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+from starlette.websockets import WebSocket
 
-from listener.local import keys, wal
+from listener.local import keys, realtime_gateway, wal
 from listener.local.realtime_gateway import (
     ID_SPACE,
     Binding,
@@ -241,3 +242,15 @@ def test_change_data_delete_under_rls_keeps_only_the_key(rls: bool, old: dict[st
     data = change_data(_change("DELETE", rls), "ts", frozenset({"id", "owner", "secret"}))
     assert "record" not in data
     assert data["old_record"] == old
+
+
+def test_dropping_connections_needs_the_uvicorn_transport() -> None:
+    async def receive() -> dict[str, str]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: object) -> None:
+        del message
+
+    websocket = WebSocket({"type": "websocket", "path": "/"}, receive, send)
+    with pytest.raises(RuntimeError, match="uvicorn"):
+        realtime_gateway._abort(websocket)

@@ -363,29 +363,38 @@ async def test_update_that_hides_a_row_is_not_sent_to_its_former_owner(
 
 async def test_user_on_the_coding_sessions_table(stack: StackThread, db: Any, clients: Any) -> None:
     user = create_user(stack.info.db_url, f"rt-{uuid.uuid4().hex[:8]}@example.com")
-    feed = await subscribe(
-        await clients(user), "sessions", [{"event": "*", "table": "coding_sessions"}]
-    )
-    row = await (
-        await db.execute(
-            "insert into public.coding_sessions (user_id) values (%s) returning id::text", (user,)
+    try:
+        feed = await subscribe(
+            await clients(user), "sessions", [{"event": "*", "table": "coding_sessions"}]
         )
-    ).fetchone()
-    assert row is not None
-    data = (await feed.change())["data"]
-    assert (data["type"], data["record"]["id"], data["record"]["user_id"]) == (
-        "INSERT",
-        row[0],
-        str(user),
-    )
-    assert data["record"]["status"] == "active"
-    await db.execute("update public.coding_sessions set status = 'ended' where id = %s", (row[0],))
-    data = (await feed.change())["data"]
-    assert (data["type"], data["record"]["status"], data["old_record"]) == (
-        "UPDATE",
-        "ended",
-        {"id": row[0]},
-    )
+        row = await (
+            await db.execute(
+                "insert into public.coding_sessions (user_id) values (%s) returning id::text",
+                (user,),
+            )
+        ).fetchone()
+        assert row is not None
+        data = (await feed.change())["data"]
+        assert (data["type"], data["record"]["id"], data["record"]["user_id"]) == (
+            "INSERT",
+            row[0],
+            str(user),
+        )
+        assert data["record"]["status"] == "active"
+        await db.execute(
+            "update public.coding_sessions set status = 'ended' where id = %s", (row[0],)
+        )
+        data = (await feed.change())["data"]
+        assert (data["type"], data["record"]["status"], data["old_record"]) == (
+            "UPDATE",
+            "ended",
+            {"id": row[0]},
+        )
+        await db.execute("delete from auth.users where id = %s", (user,))  # cascades
+        data = (await feed.change())["data"]
+        assert (data["type"], data["old_record"]) == ("DELETE", {"id": row[0]})
+    finally:  # the database is shared by the whole test session
+        await db.execute("delete from auth.users where id = %s", (user,))
 
 
 # -- filters -------------------------------------------------------------------------------------

@@ -3,211 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import re
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
-import psycopg
 import structlog
-from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from listener.local import keys
-from listener.local.wal import PUBLICATION, RowChange, Table, Transaction, WalStream
+from listener.local.realtime_db import RealtimeDatabase
+from listener.local.realtime_protocol import (
+    TOPIC_PREFIX,
+    Binding,
+    TokenError,
+    frame,
+    reply,
+    system,
+    verify_token,
+)
+from listener.local.wal import RowChange, Transaction, WalStream
 
 log = structlog.get_logger(component="realtime")
 
 IDLE_TIMEOUT_S = 60.0  # Phoenix closes a websocket that sent nothing for this long
 TICK_S = 1.0  # how often idle sockets and expired tokens are looked for
-ID_SPACE = 2**27 - 1  # :erlang.phash2/1 range; ids are 1..ID_SPACE
-MAX_IN_VALUES = 100
-VISIBILITY_TIMEOUT_S = 1.0  # how long a decoded commit may take to become visible to others
-TOPIC_PREFIX = "realtime:"
-EVENTS = frozenset({"*", "INSERT", "UPDATE", "DELETE"})
-OPERATORS = {"eq": "=", "neq": "<>", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
-
-
-# -- pure: tokens, bindings, filters, frames ---------------------------------------------------
-
-
-class TokenError(Exception):
-    """A token Realtime would refuse; `code` prefixes join errors, `message` is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-def verify_token(secret: str, token: object, now: float) -> dict[str, Any]:
-    """Verify an apikey/access token as Realtime does (HS256, `role` and `exp` required)."""
-    if not isinstance(token, str) or not token:
-        raise TokenError("MissingApiKey", "API key is missing")
-    try:
-        return keys.verify(secret, token)
-    except jwt.ExpiredSignatureError as exc:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp", now)
-        ago = max(0, int(now - float(exp)))
-        raise TokenError("InvalidJWTToken", f"Token has expired {ago} seconds ago") from exc
-    except jwt.MissingRequiredClaimError as exc:
-        message = "Fields `role` and `exp` are required in JWT"
-        raise TokenError("InvalidJWTToken", message) from exc
-    except jwt.InvalidSignatureError as exc:
-        raise TokenError("JwtSignatureError", "Failed to validate JWT signature") from exc
-    except jwt.DecodeError as exc:
-        raise TokenError("MalformedJWT", "The token provided is not a valid JWT") from exc
-    except jwt.InvalidTokenError as exc:
-        raise TokenError("InvalidJWTToken", str(exc)) from exc
-
-
-def binding_id(raw: dict[str, Any]) -> int:
-    """A stable id in 1..2^27-1 for a binding map (equal bindings get equal ids)."""
-    digest = hashlib.blake2b(json.dumps(raw, sort_keys=True).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % ID_SPACE + 1
-
-
-@dataclass(frozen=True, slots=True)
-class Filter:
-    column: str
-    op: str  # eq neq lt lte gt gte in
-    value: str  # for `in`: an array literal '{a,b}'
-
-    def describe(self) -> str:
-        """Elixir's inspect of Realtime's filter tuple, as its error messages show it."""
-        return (
-            f"{{{json.dumps(self.column)}, {json.dumps(self.op)}, {json.dumps(self.value)}, false}}"
-        )
-
-
-class FilterError(ValueError):
-    """`filter` could not be parsed; the message is Realtime's."""
-
-
-def parse_filter(text: str) -> Filter:
-    """Parse `column=op.value` the way Realtime splits it (on the first two `=` or `.`)."""
-    parts = re.split(r"[=.]", text, maxsplit=2)
-    error = FilterError(f"Error parsing `filter` params: {json.dumps(parts, ensure_ascii=False)}")
-    if len(parts) != 3 or not parts[0]:
-        raise error
-    column, op, value = parts
-    if op == "in":
-        inner = re.fullmatch(r"\((.*)\)", value, flags=re.DOTALL)
-        if inner is None:
-            raise error
-        return Filter(column, op, "{" + inner.group(1) + "}")
-    if op not in OPERATORS:
-        raise error
-    return Filter(column, op, value)
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """One postgres_changes entry of a join, normalised the way Realtime reads it."""
-
-    id: int
-    raw: dict[str, Any]
-    event: str
-    schema: str
-    table: str | None
-    filter: Filter | None
-    filter_error: str | None
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Binding:
-        event = str(raw.get("event", "*")).upper()
-        table = raw.get("table")
-        text = raw.get("filter")
-        parsed, error = None, None
-        if isinstance(text, str) and text.strip():
-            try:
-                parsed = parse_filter(text)
-            except FilterError as exc:
-                error = str(exc)
-        return cls(
-            id=binding_id(raw),
-            raw=raw,
-            event=event if event in EVENTS else "*",
-            schema=str(raw.get("schema") or "public"),
-            table=str(table) if table and table != "*" else None,
-            filter=parsed,
-            filter_error=error,
-        )
-
-    def matches(self, table: Table, change_type: str) -> bool:
-        """Whether a change of `table` is in scope (schema, table, event; not the filter)."""
-        return (
-            self.schema in ("*", table.schema)
-            and self.table in (None, table.name)
-            and self.event in ("*", change_type)
-        )
-
-    def describe(self) -> str:
-        """Realtime's rendering of the subscription params in its error messages."""
-        filters = f"[{self.filter.describe()}]" if self.filter else "[]"
-        select = self.raw.get("select")
-        selected = json.dumps(select) if isinstance(select, list) else "nil"
-        return (
-            f"[event: {self.event}, schema: {self.schema}, table: {self.table or '*'}, "
-            f"filters: {filters}, select: {selected}]"
-        )
-
-    def reply_entry(self) -> dict[str, Any]:
-        """The binding echoed verbatim with its id (an Elixir map: atom key first, then sorted)."""
-        return {"id": self.id, **dict(sorted(self.raw.items()))}
-
-
-def frame(topic: str, event: str, payload: Any, ref: Any = None) -> str:
-    """A Phoenix V1 server frame: exactly topic, event, payload, ref."""
-    return json.dumps({"topic": topic, "event": event, "payload": payload, "ref": ref})
-
-
-def reply(topic: str, ref: Any, status: str, response: dict[str, Any]) -> str:
-    return frame(topic, "phx_reply", {"status": status, "response": response}, ref)
-
-
-def system(topic: str, extension: str, status: str, message: str) -> str:
-    name = topic.removeprefix(TOPIC_PREFIX)
-    payload = {"extension": extension, "status": status, "message": message, "channel": name}
-    return frame(topic, "system", payload)
-
-
-def change_data(
-    change: RowChange, commit_timestamp: str, visible: frozenset[str]
-) -> dict[str, Any]:
-    """The `data` of a postgres_changes frame for a role that can select `visible` columns."""
-    table = change.table
-    data: dict[str, Any] = {
-        "type": change.type,
-        "schema": table.schema,
-        "table": table.name,
-        "commit_timestamp": commit_timestamp,
-        "errors": None,
-        "columns": [
-            {"name": c.name, "type": c.type_name} for c in table.columns if c.name in visible
-        ],
-    }
-    if change.record is not None:
-        data["record"] = {k: v for k, v in change.record.items() if k in visible}
-    if change.old_record is not None:
-        old = {k: v for k, v in change.old_record.items() if k in visible}
-        if change.type == "DELETE" and table.rls_enabled:  # DELETE skips RLS: only the key goes out
-            old = {k: v for k, v in old.items() if k in table.primary_key}
-        data["old_record"] = old
-    return data
-
-
-def _sql_error(exc: psycopg.Error) -> str:
-    """Postgrex's rendering of a database error: `ERROR 22P02 (invalid_text_representation) ...`."""
-    condition = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
-    message = exc.diag.message_primary or str(exc)
-    return f"ERROR {exc.sqlstate} ({condition}) {message}"
 
 
 # -- connection state --------------------------------------------------------------------------
@@ -262,33 +83,6 @@ class _Connection:
         self.outbox.put_nowait(text)
 
 
-@dataclass(frozen=True, slots=True)
-class _Access:
-    columns: frozenset[str]  # columns the role may SELECT
-    bypass_rls: bool
-
-
-_ACCESS_SQL = """
-select r.rolbypassrls or r.rolsuper,
-       array(select a.attname::text from pg_attribute a
-             where a.attrelid = %(rel)s and a.attnum > 0 and not a.attisdropped
-               and has_column_privilege(r.oid, a.attrelid, a.attnum, 'SELECT'))
-from pg_roles r where r.rolname = %(role)s
-"""
-# Is the (32-bit) xid visible to a new snapshot? Its epoch is taken from the snapshot's xmax.
-_VISIBLE_SQL = """
-select pg_visible_in_snapshot(((pg_snapshot_xmax(s)::text::int8 >> 32 << 32) | %s)::text::xid8, s)
-from pg_current_snapshot() s
-"""
-_CLAIMS_SQL = "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)"
-_COLUMN_SQL = """
-select format_type(a.atttypid, null), has_column_privilege(%(role)s, a.attrelid, a.attnum, 'SELECT')
-from pg_attribute a
-where a.attrelid = (quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))::regclass
-  and a.attname = %(column)s and a.attnum > 0 and not a.attisdropped
-"""
-
-
 class RealtimeGateway:
     """Serves /realtime/v1/websocket; streams postgres_changes from a logical slot."""
 
@@ -305,9 +99,7 @@ class RealtimeGateway:
         self._queue: asyncio.Queue[Transaction] = asyncio.Queue()
         self._delivering = asyncio.Event()
         self._delivering.set()
-        self._access_cache: dict[tuple[int, str], tuple[int, _Access | None]] = {}
-        self._visible_xid: int | None = None  # the last transaction known visible to others
-        self._pool: AsyncConnectionPool | None = None
+        self._db = RealtimeDatabase(dsn)
         self._stream: WalStream | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -316,10 +108,7 @@ class RealtimeGateway:
     async def start(self) -> None:
         """Open the database pool, create the slot and start streaming."""
         loop = asyncio.get_running_loop()
-        self._pool = AsyncConnectionPool(
-            self.dsn, min_size=2, max_size=4, open=False, kwargs={"autocommit": True}
-        )
-        await self._pool.open(wait=True, timeout=10)
+        await self._db.open()
 
         def on_transaction(txn: Transaction) -> None:  # called on the WAL thread
             loop.call_soon_threadsafe(self._enqueue, txn)
@@ -340,12 +129,11 @@ class RealtimeGateway:
         if self._stream is not None:
             await asyncio.to_thread(self._stream.stop)
             self._stream = None
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._db.close()
 
     @property
     def connection_count(self) -> int:
+        """Open websockets."""
         return len(self._connections)
 
     @property
@@ -367,6 +155,7 @@ class RealtimeGateway:
 
     @property
     def stats(self) -> dict[str, int]:
+        """Counters for tests and chaos runs (frames sent, changes handled, held back...)."""
         return {
             "connections": self.connection_count,
             "subscriptions": self.subscription_count,
@@ -388,6 +177,7 @@ class RealtimeGateway:
         self._delivering.clear()
 
     async def resume_delivery(self) -> None:
+        """Deliver the held changes, in commit order, and go on delivering."""
         self._delivering.set()
 
     # -- websocket ---------------------------------------------------------------------------
@@ -582,10 +372,7 @@ class RealtimeGateway:
         generation = channel.generation
 
         async def check() -> None:
-            try:
-                error = await self._check_bindings(channel)
-            except psycopg.Error as exc:
-                error = f"Unable to subscribe to changes with given parameters: {_sql_error(exc)}"
+            error = await self._db.check_bindings(channel.bindings, channel.role)
             if channel.generation != generation or conn.channels.get(channel.topic) is not channel:
                 return
             channel.live = error is None
@@ -598,41 +385,6 @@ class RealtimeGateway:
                 conn.send(system(channel.topic, "postgres_changes", "error", error))
 
         conn.spawn(check())
-
-    async def _check_bindings(self, channel: _Channel) -> str | None:
-        """Why the channel's bindings cannot be subscribed (Realtime's message), or None."""
-        assert self._pool is not None
-        async with self._pool.connection() as db:
-            published = await (
-                await db.execute(
-                    "select schemaname::text, tablename::text from pg_publication_tables"
-                    " where pubname = %s",
-                    (PUBLICATION,),
-                )
-            ).fetchall()
-            for binding in channel.bindings:
-                if binding.filter_error is not None:
-                    return binding.filter_error
-                tables = [
-                    (s, t)
-                    for s, t in published
-                    if binding.schema in ("*", s) and binding.table in (None, t)
-                ]
-                if not tables:
-                    return (
-                        "Unable to subscribe to changes with given parameters. Please check"
-                        " Realtime is enabled for the given connect parameters:"
-                        f" {binding.describe()}"
-                    )
-                if binding.filter is not None:
-                    problem = await _check_filter(db, channel.role, tables, binding.filter)
-                    if problem is not None:
-                        return (
-                            "Unable to subscribe to changes with given parameters. An exception "
-                            "happened so please check your connect parameters: "
-                            f"{binding.describe()}. Exception: {problem}"
-                        )
-        return None
 
     # -- postgres_changes delivery -------------------------------------------------------------
 
@@ -664,7 +416,7 @@ class RealtimeGateway:
         if not targets:
             return
         filters = {b.filter for _, _, bindings in targets for b in bindings if b.filter}
-        verdicts = await self._evaluate(change, filters)
+        verdicts = await self._db.evaluate(change, filters)
         views: dict[tuple[str, str], str | None] = {}
         for conn, channel, bindings in targets:
             ids = list(
@@ -674,7 +426,7 @@ class RealtimeGateway:
                 continue
             key = (channel.role, channel.claims_json)
             if key not in views:
-                views[key] = await self._view(change, txn, *key)
+                views[key] = await self._db.view(change, txn, *key)
             data = views[key]
             if data is not None:
                 payload = f'{{"ids":{json.dumps(ids)},"data":{data}}}'
@@ -682,136 +434,6 @@ class RealtimeGateway:
                     f'{{"topic":{json.dumps(channel.topic)},"event":"postgres_changes",'
                     f'"payload":{payload},"ref":null}}'
                 )
-
-    async def _evaluate(self, change: RowChange, filters: Iterable[Filter]) -> dict[Filter, bool]:
-        """Typed filter verdicts (values cast to the column type in Postgres); absent -> False."""
-        verdicts: dict[Filter, bool] = {}
-        exprs: list[sql.Composable] = []
-        params: list[str] = []
-        judged: list[Filter] = []
-        for f in filters:
-            column = change.table.column(f.column)
-            value = change.text.get(f.column)
-            if column is None or value is None:
-                verdicts[f] = False
-                continue
-            typ = sql.SQL(column.sql_type)
-            if f.op == "in":
-                expr = sql.SQL("cast(%s::text as {t}) = any(cast(%s::text as {t}[]))").format(t=typ)
-            else:
-                expr = sql.SQL("cast(%s::text as {t}) {op} cast(%s::text as {t})").format(
-                    t=typ, op=sql.SQL(OPERATORS[f.op])
-                )
-            exprs.append(sql.SQL("coalesce({}, false)").format(expr))
-            params += [value, f.value]
-            judged.append(f)
-        if judged:
-            assert self._pool is not None
-            query = sql.SQL("select {}").format(sql.SQL(", ").join(exprs))
-            async with self._pool.connection() as db:
-                row = await (await db.execute(query, params)).fetchone()
-            assert row is not None
-            verdicts.update(zip(judged, (bool(v) for v in row), strict=True))
-        return verdicts
-
-    async def _view(
-        self, change: RowChange, txn: Transaction, role: str, claims_json: str
-    ) -> str | None:
-        """The serialized `data` one role (with these claims) may see, or None if invisible."""
-        table = change.table
-        access = await self._access(table, role)
-        if access is None or not table.primary_key:  # Realtime: Error 401 / Error 400, which
-            return None  # realtime-py drops (commit_timestamp null), so nothing is sent
-        if not set(table.primary_key) <= access.columns:
-            return None
-        needs_rls = table.rls_enabled and not access.bypass_rls and change.type != "DELETE"
-        if needs_rls:
-            await self._await_visible(txn.xid)
-            if not await self._row_visible(change, role, claims_json):
-                return None
-        return json.dumps(change_data(change, txn.commit_timestamp, access.columns))
-
-    async def _await_visible(self, xid: int) -> None:
-        """Wait until other sessions see transaction `xid` (decoding can deliver it earlier)."""
-        if xid == self._visible_xid:
-            return
-        assert self._pool is not None
-        deadline = time.monotonic() + VISIBILITY_TIMEOUT_S
-        async with self._pool.connection() as db:
-            while not (await (await db.execute(_VISIBLE_SQL, (xid,))).fetchone() or (False,))[0]:
-                if time.monotonic() > deadline:
-                    log.warning("realtime_commit_not_visible", xid=xid)
-                    return
-                await asyncio.sleep(0.001)
-        self._visible_xid = xid
-
-    async def _access(self, table: Table, role: str) -> _Access | None:
-        """The role's selectable columns and RLS bypass, cached until the relation changes."""
-        cached = self._access_cache.get((table.relation_id, role))
-        if cached is not None and cached[0] == table.version:
-            return cached[1]
-        assert self._pool is not None
-        async with self._pool.connection() as db:
-            row = await (
-                await db.execute(_ACCESS_SQL, {"rel": table.relation_id, "role": role})
-            ).fetchone()
-        access = _Access(frozenset(row[1]), bool(row[0])) if row is not None else None
-        self._access_cache[(table.relation_id, role)] = (table.version, access)
-        return access
-
-    async def _row_visible(self, change: RowChange, role: str, claims_json: str) -> bool:
-        """Realtime's RLS check: as the subscriber, can the row be selected by its key?"""
-        table = change.table
-        values = [change.text.get(k) for k in table.primary_key]
-        if any(v is None for v in values):
-            return False
-        matches: list[sql.Composable] = [
-            sql.SQL("{} = cast(%s::text as {})").format(
-                sql.Identifier(k),
-                sql.SQL(table.column(k).sql_type),  # type: ignore[union-attr]  # pk columns exist
-            )
-            for k in table.primary_key
-        ]
-        condition = sql.SQL(" and ").join(matches)
-        query = sql.SQL("select exists(select 1 from {}.{} where {})").format(
-            sql.Identifier(table.schema), sql.Identifier(table.name), condition
-        )
-        assert self._pool is not None
-        try:
-            async with self._pool.connection() as db, db.transaction():
-                await db.execute(_CLAIMS_SQL, (role, claims_json))
-                row = await (await db.execute(query, values)).fetchone()
-        except psycopg.Error as exc:
-            log.warning("realtime_rls_check_failed", table=table.name, role=role, error=str(exc))
-            return False
-        return bool(row and row[0])
-
-
-async def _check_filter(
-    db: psycopg.AsyncConnection[Any], role: str, tables: list[tuple[str, str]], f: Filter
-) -> str | None:
-    """Realtime's subscription_check_filters: a selectable column and a castable value."""
-    for schema, table in tables:
-        row = await (
-            await db.execute(
-                _COLUMN_SQL, {"role": role, "schema": schema, "table": table, "column": f.column}
-            )
-        ).fetchone()
-        if row is None or not row[1]:
-            return f"ERROR P0001 (raise_exception) invalid column for filter {f.column}"
-        typ = sql.SQL(row[0] + ("[]" if f.op == "in" else ""))
-        try:
-            async with db.transaction():
-                cast = await (
-                    await db.execute(sql.SQL("select cast(%s::text as {})").format(typ), (f.value,))
-                ).fetchone()
-        except psycopg.Error as exc:
-            return _sql_error(exc)
-        if f.op == "in" and cast is not None and len(cast[0]) > MAX_IN_VALUES:
-            return (
-                f"ERROR P0001 (raise_exception) too many values for `in` filter ({MAX_IN_VALUES})"
-            )
-    return None
 
 
 def _abort(websocket: WebSocket) -> None:

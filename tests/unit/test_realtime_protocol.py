@@ -1,4 +1,4 @@
-"""The Realtime gateway's pure parts: tokens, bindings, filters, frames and change payloads."""
+"""Realtime protocol decisions: tokens, bindings, filters, frames and change payloads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from starlette.websockets import WebSocket
 
 from listener.local import keys, realtime_gateway, wal
-from listener.local.realtime_gateway import (
+from listener.local.realtime_protocol import (
     ID_SPACE,
     Binding,
     Filter,

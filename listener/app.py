@@ -25,6 +25,7 @@ from listener.metrics import Metrics
 from listener.models import StopReason
 from listener.realtime import RealtimeIntake
 from listener.reconciler import Policy
+from listener.runner import CommandRunner
 from listener.scanner import Scanner
 from listener.store import SandboxStore, connect
 from listener.sweeper import Sweeper
@@ -79,9 +80,21 @@ async def assemble(settings: Settings, *, owner: str | None = None) -> AsyncIter
             lease_s=settings.listener_lease_s,
             metrics=metrics,
         )
-        dispatcher = Dispatcher(
-            controller, concurrency=settings.listener_concurrency, metrics=metrics
+        runner = CommandRunner(
+            fly,
+            store,
+            max_timeout_s=settings.sandbox_command_max_timeout_s,
+            output_limit_bytes=settings.sandbox_command_output_limit_bytes,
+            lease_s=settings.listener_lease_s,
+            metrics=metrics,
         )
+        dispatcher = Dispatcher(
+            controller,
+            run_commands=runner.run_queue,
+            concurrency=settings.listener_concurrency,
+            metrics=metrics,
+        )
+        controller.on_settled = dispatcher.submit_commands
         scanner = Scanner(
             store,
             dispatcher,
@@ -94,6 +107,7 @@ async def assemble(settings: Settings, *, owner: str | None = None) -> AsyncIter
             str(settings.supabase_url).rstrip("/"),
             settings.supabase_service_role_key.get_secret_value(),
             on_change=lambda session_id: dispatcher.submit(session_id, announced=True),
+            on_command=dispatcher.submit_commands,
             on_confirmed=scanner.trigger,
             on_unreadable=scanner.trigger,
             metrics=metrics,

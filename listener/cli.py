@@ -67,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_env_file(sweep)
 
+    run_in = commands.add_parser(
+        "exec",
+        help="run a command in a session's sandbox through the queue; exit with its code",
+        description="Queue CMD for SESSION (as the session's owner), wait for a listener to run "
+        "it, print its stdout and stderr, and exit with its exit code (124 if it timed out, "
+        "125 if it was rejected or could not run).",
+    )
+    run_in.add_argument("session", help="coding_sessions.id")
+    run_in.add_argument("argv", nargs="+", metavar="CMD", help="the command and its arguments")
+    run_in.add_argument("--timeout-s", type=int, default=60, help="default: %(default)s")
+    run_in.add_argument(
+        "--stdin", action="store_true", help="pass this process's standard input to the command"
+    )
+    _add_env_file(run_in)
+
     destroy = commands.add_parser("destroy", help="destroy one session's sandbox now")
     destroy.add_argument("session", help="coding_sessions.id")
     _add_env_file(destroy)
@@ -128,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_main()
     if args.command == "dev":
         return asyncio.run(_dev(args))
-    if args.command in {"status", "sweep", "destroy"}:
+    if args.command in {"status", "sweep", "destroy", "exec"}:
         return _operator(args)
     if args.command == "local":
         if args.local_command == "up":
@@ -182,6 +197,13 @@ def _operator(args: argparse.Namespace) -> int:
         return asyncio.run(commands.status(settings))
     if args.command == "sweep":
         return asyncio.run(commands.sweep(settings, dry_run=args.dry_run))
+    if args.command == "exec":
+        stdin = sys.stdin.read() if args.stdin else None
+        return asyncio.run(
+            commands.exec_command(
+                settings, args.session, args.argv, timeout_s=args.timeout_s, stdin=stdin
+            )
+        )
     return asyncio.run(commands.destroy(settings, args.session))
 
 

@@ -1,17 +1,22 @@
-"""Operator commands: status, one sweep, destroy — the same parts the worker uses, run once."""
+"""Operator commands: status, one sweep, destroy, exec: the worker's own parts, run once."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from datetime import datetime
-from typing import TextIO
+from typing import Any, TextIO
+
+import httpx
+from supabase import AsyncClient
 
 from listener.app import assemble
 from listener.config import Settings
 from listener.effects import utcnow
 from listener.models import MANAGED_BY, Session, StopReason
 from listener.reconciler import DestroyOrphan, Policy, RecoverLost, SweepAction, decide
+from listener.store import connect
 
 
 def _ago(then: datetime | None, now: datetime) -> str:
@@ -153,3 +158,78 @@ async def destroy(settings: Settings, session_id: str, out: TextIO = sys.stdout)
         await parts.controller.teardown(row, StopReason.OPERATOR)
         print(f"destroyed the sandbox of session {session_id}", file=out)
     return 0
+
+
+EXIT_TIMED_OUT = 124  # as coreutils `timeout`
+EXIT_NOT_RUN = 125  # rejected, or could not be run at all
+FINAL = {"succeeded", "failed", "timed_out", "rejected"}
+POLL_S = 0.1
+
+
+async def exec_command(
+    settings: Settings,
+    session_id: str,
+    argv: list[str],
+    *,
+    timeout_s: int,
+    stdin: str | None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Queue a command for a session (as its owner), wait, print the output, return its code."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        client = await connect(
+            str(settings.supabase_url), settings.supabase_service_role_key.get_secret_value(), http
+        )
+        found = (
+            await client.table("coding_sessions").select("user_id").eq("id", session_id).execute()
+        )
+        owners = [r for r in found.data if isinstance(r, dict)]
+        if not owners:
+            print(f"error: no session {session_id}", file=err)
+            return EXIT_NOT_RUN
+        row = {
+            "session_id": session_id,
+            "user_id": owners[0]["user_id"],
+            "command": argv,
+            "timeout_s": timeout_s,
+            "stdin": stdin,
+        }
+        inserted = await client.table("sandbox_commands").insert(row).execute()
+        command_id = str(next(r for r in inserted.data if isinstance(r, dict))["id"])
+        result = await _wait_for_result(client, command_id, err)
+    stdout, stderr = result.get("stdout") or "", result.get("stderr") or ""
+    out.write(stdout)
+    err.write(stderr)
+    for stream in ("stdout", "stderr"):
+        if result.get(f"{stream}_truncated"):
+            print(
+                f"[{stream} truncated to {settings.sandbox_command_output_limit_bytes} bytes]",
+                file=err,
+            )
+    status = result["status"]
+    if result.get("error"):
+        print(f"{status}: {result['error']}", file=err)
+    if status == "timed_out":
+        return EXIT_TIMED_OUT
+    if result.get("exit_code") is not None:
+        return int(result["exit_code"])
+    return EXIT_NOT_RUN
+
+
+async def _wait_for_result(client: AsyncClient, command_id: str, err: TextIO) -> dict[str, Any]:
+    """Poll the command row until it is final, showing progress on a terminal."""
+    started = time.monotonic()
+    shown = ""
+    while True:
+        found = await client.table("sandbox_commands").select("*").eq("id", command_id).execute()
+        row = next(r for r in found.data if isinstance(r, dict))
+        if row["status"] in FINAL:
+            if shown and err.isatty():
+                print(file=err)
+            return row
+        if err.isatty():
+            waiting = "waiting for the sandbox" if row["status"] == "queued" else "running"
+            shown = f"\r{waiting}... {time.monotonic() - started:.0f}s"
+            print(shown, end="", file=err, flush=True)
+        await asyncio.sleep(POLL_S)

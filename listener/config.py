@@ -63,10 +63,19 @@ class Settings(BaseSettings):
         default=4096, ge=256, le=32768, description="Largest memory a row may ask for"
     )
     sandbox_idle_timeout_s: int = Field(
-        default=1800, ge=10, description="Destroy after this long without activity"
+        default=1800, ge=1, description="Destroy after this long without activity"
     )
     sandbox_max_lifetime_s: int = Field(
         default=14400, ge=60, description="Destroy after this age whatever the activity"
+    )
+    sandbox_idle_warning_s: int = Field(
+        default=300, ge=0, description="Record an idle_warning this long before reaping (0: off)"
+    )
+    sandbox_command_max_timeout_s: int = Field(
+        default=300, ge=1, le=3600, description="Longest timeout_s a queued command may ask for"
+    )
+    sandbox_command_output_limit_bytes: int = Field(
+        default=65536, ge=1024, description="stdout and stderr are each truncated to this"
     )
     sandbox_smoke_command: str = Field(
         default="echo Hello from sandbox",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
@@ -25,12 +26,21 @@ class Handler(Protocol):
     async def hand_back(self, row: Session) -> None: ...
 
 
+Lane = Literal["session", "commands"]
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Work for one session: a hint to claim it, or a row already claimed by a scan."""
+    """Work for one session: a hint to claim it, a row a scan claimed, or its command queue."""
 
     session_id: str
     claimed: Session | None = None
+    lane: Lane = "session"
+
+    @property
+    def key(self) -> tuple[Lane, str]:
+        """Jobs with one key never run at the same time (commands never block a teardown)."""
+        return (self.lane, self.session_id)
 
 
 class Dispatcher:
@@ -40,15 +50,17 @@ class Dispatcher:
         self,
         handler: Handler,
         *,
+        run_commands: Callable[[str], Awaitable[object]] | None = None,
         concurrency: int,
         metrics: Metrics | None = None,
         max_queued: int = 10_000,
     ) -> None:
         self._handler = handler
+        self._run_commands = run_commands
         self._metrics = metrics or Metrics()
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
         self._slots = asyncio.Semaphore(concurrency)
-        self._pending: dict[str, deque[Job]] = {}
+        self._pending: dict[tuple[Lane, str], deque[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._idle = asyncio.Event()
@@ -71,6 +83,11 @@ class Dispatcher:
     def submit_claimed(self, row: Session) -> None:
         """Queue a row a scan has already claimed for this process."""
         self._put(Job(row.id, row))
+
+    def submit_commands(self, session_id: str) -> None:
+        """Queue a run of the session's command queue (ignored when nothing runs commands)."""
+        if self._run_commands is not None:
+            self._put(Job(session_id, lane="commands"))
 
     def was_announced(self, session_id: str) -> bool:
         """Whether a Realtime event named this session recently."""
@@ -108,14 +125,14 @@ class Dispatcher:
                 await self._drain(grace_s)
 
     def _start(self, tg: asyncio.TaskGroup, job: Job) -> None:
-        queue = self._pending.get(job.session_id)
+        queue = self._pending.get(job.key)
         if queue is not None:
-            if job.claimed is None and any(j.claimed is None for j in queue):
-                return  # a hint is already waiting for this session: one is enough
+            if job.claimed is None and any(j.claimed is None for j in list(queue)[1:]):
+                return  # a hint is already waiting behind the running job: one is enough
             queue.append(job)
             return
-        self._pending[job.session_id] = deque([job])
-        task = tg.create_task(self._run_session(job.session_id), name=f"session-{job.session_id}")
+        self._pending[job.key] = deque([job])
+        task = tg.create_task(self._run_key(job.key), name=f"{job.lane}-{job.session_id}")
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
@@ -125,8 +142,8 @@ class Dispatcher:
         if not self._tasks and not self.backlog:
             self._idle.set()
 
-    async def _run_session(self, session_id: str) -> None:
-        queue = self._pending[session_id]
+    async def _run_key(self, key: tuple[Lane, str]) -> None:
+        queue = self._pending[key]
         try:
             while queue:
                 job = queue[0]
@@ -138,17 +155,19 @@ class Dispatcher:
                         self._metrics.in_flight.dec()
                 queue.popleft()
         finally:
-            del self._pending[session_id]
+            del self._pending[key]
 
     async def _run_job(self, job: Job) -> None:
         """Run one job; a failure is logged with its traceback and never ends the loop."""
         try:
-            if job.claimed is not None:
+            if job.lane == "commands" and self._run_commands is not None:
+                await self._run_commands(job.session_id)
+            elif job.claimed is not None:
                 await self._handler.act(job.claimed)
             else:
                 await self._handler.handle(job.session_id)
         except Exception:
-            log.exception("session_handling_failed", session_id=job.session_id)
+            log.exception("session_handling_failed", session_id=job.session_id, lane=job.lane)
 
     async def _drain(self, grace_s: float) -> None:
         """Hand back claimed rows nobody started; let running jobs finish within the grace."""

@@ -39,6 +39,7 @@ from listener.reconciler import (
     Release,
     SmokeTestError,
     Teardown,
+    Warn,
     decide,
     failure_message,
     retry_delay_s,
@@ -82,13 +83,20 @@ class SandboxRepo(Protocol):
     async def release(self, s: Session) -> Session: ...
     async def begin_provision(self, s: Session, max_lifetime_s: int) -> Session: ...
     async def set_machine(self, s: Session, machine_id: str, region: str) -> Session: ...
-    async def mark_ready(self, s: Session, idle_timeout_s: int) -> Session: ...
+    async def mark_ready(
+        self, s: Session, idle_timeout_s: int, idle_warning_s: int = 0
+    ) -> Session: ...
+    async def mark_idle_warning(self, s: Session) -> Session: ...
     async def mark_failed(self, s: Session, error: str, retry_after_s: float | None) -> Session: ...
     async def begin_stop(self, s: Session, reason: str) -> Session: ...
     async def mark_destroyed(self, s: Session) -> Session: ...
     async def record_event(
         self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
     ) -> None: ...
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 def utcnow() -> datetime:
@@ -109,6 +117,8 @@ class Controller:
     start_timeout_s: float = 300.0
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], datetime] = utcnow
+    on_settled: Callable[[str], None] = lambda session_id: None
+    """Called when a session becomes ready or final: its queued commands can run or end."""
 
     async def handle(self, session_id: str) -> None:
         """React to a hint about a session: claim it if due, then act on what the row says."""
@@ -158,6 +168,10 @@ class Controller:
                 row = await self.store.mark_failed(row, error, None)
                 self.metrics.session_failed("rejected")
                 await self._event(row, "sandbox_rejected", error=error)
+                self.on_settled(row.id)
+            case Warn():
+                row = await self.store.mark_idle_warning(row)
+                await self._event(row, "idle_warning", expires_at=_iso(row.expires_at))
             case Release():
                 await self.store.release(row)
 
@@ -183,9 +197,12 @@ class Controller:
                     machine.id, MachineState.STARTED, timeout_s=self.start_timeout_s, known=machine
                 )
                 output = await self._smoke(machine)
-                row = await self.store.mark_ready(row, self.policy.idle_timeout_s)
+                row = await self.store.mark_ready(
+                    row, self.policy.idle_timeout_s, self.policy.idle_warning_s
+                )
                 elapsed = time.monotonic() - started
                 self.metrics.provisioned(elapsed)
+                self.on_settled(row.id)
                 await self._event(
                     row,
                     "sandbox_ready",
@@ -215,6 +232,7 @@ class Controller:
         row = await self.store.mark_failed(row, message, delay)
         if delay is None:
             self.metrics.session_failed("provisioning")
+            self.on_settled(row.id)
         await self._event(
             row,
             "provisioning_failed",
@@ -300,6 +318,7 @@ class Controller:
             await self.fly.destroy(machine_id, force=True)
         row = await self.store.mark_destroyed(row)
         self.metrics.destroyed(reason.value)
+        self.on_settled(row.id)
         await self._event(row, "sandbox_destroyed", reason=reason.value, machines=sorted(ids))
 
     async def destroy_machines_of(self, session_id: str, reason: StopReason) -> int:

@@ -166,6 +166,8 @@ class Session:
     requested_region: str | None = None
     requested_memory_mb: int | None = None
     requested_cpus: int | None = None
+    warn_at: datetime | None = None
+    idle_warning_at: datetime | None = None
 
     def claimed_by_me(self, owner: str, epoch: int | None = None) -> bool:
         """Whether `owner` holds this row's claim (at `epoch`, when given)."""
@@ -180,3 +182,39 @@ class MachineSpec:
     cpu_kind: str
     cpus: int
     memory_mb: int
+
+
+class CommandStatus(StrEnum):
+    """Where a queued command is (sandbox_commands.status)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A sandbox_commands row as the runner needs it."""
+
+    id: str
+    session_id: str
+    argv: tuple[str, ...]
+    timeout_s: int
+    status: CommandStatus
+    stdin: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """What to write back when a command ends (a finished or a refused run)."""
+
+    status: CommandStatus
+    exit_code: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    error: str | None = None

@@ -19,6 +19,7 @@ from listener.metrics import Metrics
 log = structlog.get_logger(component="realtime")
 
 TABLE = "coding_sessions"
+COMMANDS_TABLE = "sandbox_commands"
 ALL = RealtimePostgresChangesListenEvent.All
 CHANNEL = "sandbox-listener"
 WATCHDOG_TICK_S = 1.0
@@ -26,14 +27,16 @@ UNHEALTHY_AFTER_S = 30.0  # disconnected, errored or unconfirmed this long: rebu
 
 
 def session_id_of(payload: Mapping[str, Any] | PostgresChangesPayload) -> str | None:
-    """The row id a postgres_changes payload names (record, else old_record), if any."""
+    """The session a postgres_changes payload is about: a session row's id (record, else
+    old_record), or a command row's session_id."""
     data = payload.get("data")
     if not isinstance(data, Mapping):
         return None
-    for key in ("record", "old_record"):
-        record = data.get(key)
-        if isinstance(record, Mapping) and isinstance(record.get("id"), str):
-            return str(record["id"])
+    key = "session_id" if data.get("table") == COMMANDS_TABLE else "id"
+    for part in ("record", "old_record"):
+        record = data.get(part)
+        if isinstance(record, Mapping) and isinstance(record.get(key), str):
+            return str(record[key])
     return None
 
 
@@ -51,6 +54,7 @@ class RealtimeIntake:
         key: str,
         *,
         on_change: Callable[[str], None],
+        on_command: Callable[[str], None],
         on_confirmed: Callable[[], None],
         on_unreadable: Callable[[], None],
         metrics: Metrics | None = None,
@@ -59,6 +63,7 @@ class RealtimeIntake:
         self._url = url
         self._key = key
         self._on_change = on_change
+        self._on_command = on_command
         self._on_confirmed = on_confirmed
         self._on_unreadable = on_unreadable
         self._metrics = metrics or Metrics()
@@ -95,6 +100,12 @@ class RealtimeIntake:
         )
         channel = client.channel(CHANNEL)
         channel.on_postgres_changes(ALL, schema="public", table=TABLE, callback=self._changed)
+        channel.on_postgres_changes(
+            RealtimePostgresChangesListenEvent.Insert,
+            schema="public",
+            table=COMMANDS_TABLE,
+            callback=self._command_queued,
+        )
         channel.on_system(self._system)
         self._healthy_since = time.monotonic()
         await channel.subscribe(self._state)
@@ -131,6 +142,14 @@ class RealtimeIntake:
             return
         self._metrics.intake.labels(source="realtime").inc()
         self._on_change(session_id)
+
+    def _command_queued(self, payload: PostgresChangesPayload) -> None:
+        session_id = session_id_of(payload)
+        if session_id is None:
+            log.warning("realtime_event_unreadable")
+            self._on_unreadable()
+            return
+        self._on_command(session_id)
 
     def _system(self, payload: SuccessSystemPayload) -> None:
         if is_confirmation(payload):

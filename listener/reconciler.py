@@ -17,11 +17,16 @@ from listener.errors import (
     FlyOutcomeUnknownError,
     FlyRateLimitedError,
     FlyServerError,
+    FlyStateError,
     FlyTimeoutError,
     FlyUnavailableError,
     StoreError,
 )
 from listener.models import (
+    Command,
+    CommandOutcome,
+    CommandStatus,
+    ExecResult,
     Machine,
     MachineSpec,
     MachineState,
@@ -50,6 +55,7 @@ class Policy:
     max_attempts: int
     idle_timeout_s: int
     max_lifetime_s: int
+    idle_warning_s: int = 0
     retry_base_s: float = 5.0
     retry_max_s: float = 300.0
     orphan_grace_s: float = 120.0
@@ -67,6 +73,7 @@ class Policy:
             max_attempts=settings.listener_max_attempts,
             idle_timeout_s=settings.sandbox_idle_timeout_s,
             max_lifetime_s=settings.sandbox_max_lifetime_s,
+            idle_warning_s=settings.sandbox_idle_warning_s,
             retry_base_s=settings.listener_retry_base_s,
             retry_max_s=settings.listener_retry_max_s,
             orphan_grace_s=settings.listener_orphan_grace_s,
@@ -98,11 +105,16 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Warn:
+    """The sandbox will be reaped soon for idleness: record the idle warning."""
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     """Nothing is due: hand the claim back."""
 
 
-Decision = Provision | Teardown | Reject | Release
+Decision = Provision | Teardown | Reject | Warn | Release
 
 
 def decide(session: Session, now: datetime, policy: Policy) -> Decision:
@@ -117,7 +129,9 @@ def decide(session: Session, now: datetime, policy: Policy) -> Decision:
             return Teardown(_stop_reason(session.stop_reason))
         case SandboxState.READY:
             reason = expiry_reason(session, now)
-            return Teardown(reason) if reason else Release()
+            if reason:
+                return Teardown(reason)
+            return Warn() if idle_warning_due(session, now) else Release()
         case SandboxState.REQUESTED | SandboxState.PROVISIONING:
             spec = machine_spec(session, policy)
             return Reject(spec) if isinstance(spec, str) else Provision(spec)
@@ -134,6 +148,14 @@ def expiry_reason(session: Session, now: datetime) -> StopReason | None:
     if session.deadline_at is not None and session.deadline_at <= session.expires_at:
         return StopReason.MAX_AGE
     return StopReason.IDLE
+
+
+def idle_warning_due(session: Session, now: datetime) -> bool:
+    """The warning period before the idle expiry has begun and no warning was given for it."""
+    warn_at = session.warn_at
+    if warn_at is None or warn_at > now + timedelta(seconds=CLOCK_SKEW_S):
+        return False
+    return session.idle_warning_at is None or session.idle_warning_at < warn_at
 
 
 def _stop_reason(raw: str | None) -> StopReason:
@@ -232,6 +254,65 @@ def failure_message(error: BaseException, spec: MachineSpec | None = None) -> st
             return f"The machine did not start in time{where}."
         case _:
             return f"Unexpected error: {type(error).__name__}: {error}"
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def refuse_command(command: Command, max_timeout_s: int) -> CommandOutcome | None:
+    """A command the listener will not run, with the reason; None if it may run."""
+    if not 1 <= command.timeout_s <= max_timeout_s:
+        return CommandOutcome(
+            CommandStatus.REJECTED,
+            error=f"timeout_s {command.timeout_s} is outside 1..{max_timeout_s} "
+            "(SANDBOX_COMMAND_MAX_TIMEOUT_S); queue it again with a smaller timeout.",
+        )
+    return None
+
+
+def truncate(text: str, limit_bytes: int) -> tuple[str, bool]:
+    """At most `limit_bytes` of UTF-8 (never splitting a character), and whether it was cut."""
+    raw = text.encode()
+    if len(raw) <= limit_bytes:
+        return text, False
+    return raw[:limit_bytes].decode(errors="ignore"), True
+
+
+def command_outcome(result: ExecResult, limit_bytes: int) -> CommandOutcome:
+    """A finished run: exit 0 succeeded, anything else failed (a result, not a listener error)."""
+    stdout, out_cut = truncate(result.stdout, limit_bytes)
+    stderr, err_cut = truncate(result.stderr, limit_bytes)
+    signal_note = f"killed by signal {result.exit_signal}" if result.exit_signal else None
+    return CommandOutcome(
+        CommandStatus.SUCCEEDED if result.ok else CommandStatus.FAILED,
+        exit_code=result.exit_code,
+        stdout=stdout,
+        stderr=stderr,
+        stdout_truncated=out_cut,
+        stderr_truncated=err_cut,
+        error=signal_note,
+    )
+
+
+def command_failure(error: BaseException, command: Command) -> CommandOutcome:
+    """A run that produced no result: timed out, or the sandbox could not run it."""
+    match error:
+        case FlyTimeoutError():
+            return CommandOutcome(
+                CommandStatus.TIMED_OUT,
+                error=f"The command ran longer than its timeout_s ({command.timeout_s} s) "
+                "and was stopped.",
+            )
+        case FlyNotFoundError() | FlyStateError() | FlyConflictError():
+            return CommandOutcome(
+                CommandStatus.FAILED,
+                error=f"The sandbox could not run the command: {error}. "
+                "It may have been reaped; check the session's sandbox_state.",
+            )
+        case _:
+            return CommandOutcome(
+                CommandStatus.FAILED, error=f"The command could not be run: {error}."
+            )
 
 
 # -- the sweeper's three-way reconcile ------------------------------------------------------

@@ -19,6 +19,7 @@ class DueRows(Protocol):
     """What the scanner needs from the store (SandboxStore satisfies it)."""
 
     async def claim_due(self, lease_s: int, limit: int) -> list[Session]: ...
+    async def sessions_with_pending_commands(self, limit: int = ...) -> list[str]: ...
 
 
 def is_missed_insert(row: Session, announced: bool) -> bool:
@@ -53,7 +54,8 @@ class Scanner:
         self._wake.set()
 
     async def scan_once(self) -> int:
-        """Claim what is due, up to free capacity; return how many rows were claimed."""
+        """Claim what is due, up to free capacity, and queue pending commands; return the
+        number of rows claimed."""
         claimed = 0
         while (room := self._capacity - self._dispatcher.backlog) > 0:
             rows = await self._store.claim_due(self._lease_s, room)
@@ -66,6 +68,8 @@ class Scanner:
             claimed += len(rows)
             if len(rows) < room:
                 break
+        for session_id in await self._store.sessions_with_pending_commands():
+            self._dispatcher.submit_commands(session_id)
         self.scans += 1
         return claimed
 

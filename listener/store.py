@@ -20,7 +20,14 @@ from tenacity import (
 from tenacity.wait import WaitBaseT
 
 from listener.errors import ClaimLostError, SessionGoneError, StoreError
-from listener.models import SandboxState, Session, SessionStatus
+from listener.models import (
+    Command,
+    CommandOutcome,
+    CommandStatus,
+    SandboxState,
+    Session,
+    SessionStatus,
+)
 
 log = structlog.get_logger(component="store")
 
@@ -107,10 +114,23 @@ class SandboxStore:
             check=lambda row: row.sandbox_id == machine_id,
         )
 
-    async def mark_ready(self, s: Session, idle_timeout_s: int) -> Session:
+    async def mark_ready(self, s: Session, idle_timeout_s: int, idle_warning_s: int = 0) -> Session:
         """provisioning -> ready; releases the claim."""
         return await self._cas(
-            "sandbox_mark_ready", s, SandboxState.READY, {"p_idle_timeout_s": idle_timeout_s}
+            "sandbox_mark_ready",
+            s,
+            SandboxState.READY,
+            {"p_idle_timeout_s": idle_timeout_s, "p_idle_warning_s": idle_warning_s},
+        )
+
+    async def mark_idle_warning(self, s: Session) -> Session:
+        """Record that the idle warning for the current expiry was given; releases the claim."""
+        return await self._cas(
+            "sandbox_mark_idle_warning",
+            s,
+            SandboxState.READY,
+            {},
+            check=lambda row: row.idle_warning_at is not None,
         )
 
     async def mark_failed(self, s: Session, error: str, retry_after_s: float | None) -> Session:
@@ -167,6 +187,47 @@ class SandboxStore:
         seen = {s.id for s in live}
         rest = [s for s in map(session_from_row, recent) if s.id not in seen]
         return (live + rest)[:limit]
+
+    # -- the command queue ------------------------------------------------------------------
+
+    async def claim_next_command(self, session_id: str, lease_s: int) -> Command | None:
+        """The session's next command to run (FIFO, one at a time, ready sandbox), if any."""
+        rows = await self._rpc(
+            "claim_next_command",
+            {"p_session_id": session_id, "p_owner": self.owner, "p_lease_s": lease_s},
+        )
+        return command_from_row(rows[0]) if rows else None
+
+    async def renew_command_lease(self, command: Command, lease_s: int) -> bool:
+        """Extend a running command's lease (and count it as activity); False if lost."""
+        rows = await self._rpc(
+            "renew_command_lease",
+            {"p_id": command.id, "p_owner": self.owner, "p_lease_s": lease_s},
+        )
+        return bool(rows)
+
+    async def finish_command(self, command: Command, outcome: CommandOutcome) -> bool:
+        """Write a command's result; False if this process no longer held it."""
+        rows = await self._rpc(
+            "finish_command",
+            {
+                "p_id": command.id,
+                "p_owner": self.owner,
+                "p_status": outcome.status.value,
+                "p_exit_code": outcome.exit_code,
+                "p_stdout": outcome.stdout,
+                "p_stderr": outcome.stderr,
+                "p_stdout_truncated": outcome.stdout_truncated,
+                "p_stderr_truncated": outcome.stderr_truncated,
+                "p_error": outcome.error,
+            },
+        )
+        return bool(rows)
+
+    async def sessions_with_pending_commands(self, limit: int = 1000) -> list[str]:
+        """Sessions with a command to run, reject or settle now."""
+        rows = await self._call("sessions_with_pending_commands", {"p_limit": limit})
+        return [str(r) for r in rows or []]
 
     async def take_leader_lease(self, name: str, ttl_s: int) -> bool:
         """Take or renew a named lease (e.g. the sweeper's); True if this process holds it."""
@@ -280,9 +341,26 @@ def session_from_row(row: Row) -> Session:
             requested_region=row.get("requested_region"),
             requested_memory_mb=row.get("requested_memory_mb"),
             requested_cpus=row.get("requested_cpus"),
+            warn_at=_ts(row.get("sandbox_warn_at")),
+            idle_warning_at=_ts(row.get("sandbox_idle_warning_at")),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"unexpected coding_sessions row shape: {exc!r}") from exc
+
+
+def command_from_row(row: Row) -> Command:
+    """Parse a sandbox_commands row into a Command."""
+    try:
+        return Command(
+            id=str(row["id"]),
+            session_id=str(row["session_id"]),
+            argv=tuple(str(a) for a in row["command"]),
+            timeout_s=int(row["timeout_s"]),
+            status=CommandStatus(row["status"]),
+            stdin=row.get("stdin"),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreError(f"unexpected sandbox_commands row shape: {exc!r}") from exc
 
 
 def _ts(value: object) -> datetime | None:

@@ -8,6 +8,8 @@ import httpx
 import psycopg
 import pytest
 
+from listener.local import keys
+from listener.local.fly_emulator import EmulatorOptions
 from listener.local.postgres import EmbeddedPostgres
 from listener.local.stack import LocalStack, StackThread
 
@@ -31,7 +33,16 @@ def stack(e2e_postgres: EmbeddedPostgres) -> Iterator[StackThread]:
     with psycopg.connect(e2e_postgres.dsn, autocommit=True) as conn:
         conn.execute(f"truncate {TABLES} cascade")
         conn.execute("delete from auth.users")
-    running = StackThread(LocalStack(postgres=e2e_postgres))
+    # Fly's documented limits (1 req/s per action) would make these tests slow, not better:
+    # the limiter and the emulator's 429s have their own tests and the burst benchmark.
+    unlimited = EmulatorOptions(
+        token=keys.new_secret(),
+        action_rate_per_s=1000.0,
+        action_burst=1000,
+        get_rate_per_s=1000.0,
+        get_burst=1000,
+    )
+    running = StackThread(LocalStack(postgres=e2e_postgres, fly_options=unlimited))
     try:
         yield running
     finally:

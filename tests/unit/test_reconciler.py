@@ -10,10 +10,22 @@ import pytest
 from listener.errors import (
     FlyCapacityError,
     FlyClientError,
+    FlyNotFoundError,
     FlyOutcomeUnknownError,
     FlyServerError,
+    FlyTimeoutError,
 )
-from listener.models import Machine, MachineSpec, MachineState, SandboxState, Session, SessionStatus
+from listener.models import (
+    Command,
+    CommandStatus,
+    ExecResult,
+    Machine,
+    MachineSpec,
+    MachineState,
+    SandboxState,
+    Session,
+    SessionStatus,
+)
 from listener.models import StopReason as R
 from listener.reconciler import (
     DestroyOrphan,
@@ -24,12 +36,17 @@ from listener.reconciler import (
     Release,
     SmokeTestError,
     Teardown,
+    Warn,
+    command_failure,
+    command_outcome,
     decide,
     failure_message,
     is_permanent,
     machine_spec,
     reconcile,
+    refuse_command,
     retry_delay_s,
+    truncate,
 )
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -293,3 +310,86 @@ def test_reconcile(
 def test_reconcile_ignores_provisioning_rows_without_machine() -> None:
     provisioning = session(state=SandboxState.PROVISIONING, sandbox_id="m1")
     assert reconcile([], {"s1": provisioning}, [provisioning], NOW, POLICY) == []
+
+
+# -- idle warning and commands ------------------------------------------------------------------
+
+READY_ROW = session(
+    state=SandboxState.READY, sandbox_id="m1", expires_at=NOW + timedelta(minutes=4)
+)
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        pytest.param(replace(READY_ROW, warn_at=ago(1)), Warn(), id="warning-due"),
+        pytest.param(
+            replace(READY_ROW, warn_at=ago(10), idle_warning_at=ago(5)),
+            Release(),
+            id="already-warned-for-this-expiry",
+        ),
+        pytest.param(
+            replace(READY_ROW, warn_at=ago(10), idle_warning_at=ago(60)),
+            Warn(),
+            id="activity-moved-the-expiry-warn-again",
+        ),
+        pytest.param(
+            replace(READY_ROW, warn_at=NOW + timedelta(minutes=1)), Release(), id="not-yet"
+        ),
+        pytest.param(replace(READY_ROW, warn_at=None), Release(), id="warnings-off"),
+        pytest.param(
+            replace(READY_ROW, warn_at=ago(100), expires_at=ago(1)),
+            Teardown(R.IDLE),
+            id="expired-beats-warning",
+        ),
+    ],
+)
+def test_idle_warning(row: Session, expected: object) -> None:
+    assert decide(row, NOW, POLICY) == expected
+
+
+def cmd(timeout_s: int = 60) -> Command:
+    return Command("c1", "s1", ("echo", "hi"), timeout_s, CommandStatus.RUNNING)
+
+
+def test_command_with_timeout_above_the_setting_is_refused_with_the_bound() -> None:
+    outcome = refuse_command(cmd(600), max_timeout_s=300)
+    assert outcome is not None and outcome.status is CommandStatus.REJECTED
+    assert outcome.error and "timeout_s 600 is outside 1..300" in outcome.error
+    assert refuse_command(cmd(300), max_timeout_s=300) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("hello", 10, ("hello", False)),
+        ("hello", 5, ("hello", False)),
+        ("hello!", 5, ("hello", True)),
+        ("ééé", 3, ("é", True)),  # 2-byte characters: never split one
+    ],
+)
+def test_truncate_counts_utf8_bytes(text: str, limit: int, expected: tuple[str, bool]) -> None:
+    assert truncate(text, limit) == expected
+
+
+def test_command_outcome_maps_exit_codes_and_truncates() -> None:
+    ok = command_outcome(ExecResult(0, "x" * 10, ""), limit_bytes=4)
+    assert (ok.status, ok.exit_code, ok.stdout, ok.stdout_truncated) == (
+        CommandStatus.SUCCEEDED,
+        0,
+        "xxxx",
+        True,
+    )
+    failed = command_outcome(ExecResult(2, "", "bad"), limit_bytes=100)
+    assert (failed.status, failed.exit_code, failed.stderr) == (CommandStatus.FAILED, 2, "bad")
+    killed = command_outcome(ExecResult(137, "", "", exit_signal=9), limit_bytes=100)
+    assert killed.status is CommandStatus.FAILED and killed.error == "killed by signal 9"
+
+
+def test_command_failures_say_what_happened() -> None:
+    timed_out = command_failure(FlyTimeoutError("deadline_exceeded", status=408), cmd(5))
+    assert timed_out.status is CommandStatus.TIMED_OUT
+    assert timed_out.error and "longer than its timeout_s (5 s)" in timed_out.error
+    gone = command_failure(FlyNotFoundError("machine not found", status=404), cmd())
+    assert gone.status is CommandStatus.FAILED
+    assert gone.error and "could not run the command" in gone.error

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -134,15 +135,26 @@ class EmbeddedPostgres:
         return pgdata
 
     def _grant_to_system_user(self, pgdata: Path) -> None:
+        """As root, Postgres runs as an unprivileged user: it must reach the data dir and the
+        binaries (a venv under a 0700 temp dir would hide them), as pgserver's own server does."""
         with warnings.catch_warnings():  # pgserver warns at import when XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
-            from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+            from pgserver.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
 
         entry = ensure_user_exists(SYSTEM_USER)
         assert entry is not None  # useradd succeeded or raised
         ensure_prefix_permissions(pgdata)
         os.chown(pgdata, entry.pw_uid, entry.pw_gid)
         os.chmod(pgdata, 0o700)
+        bin_dir = Path(self._bin("postgres")).parent
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(bin_dir.parent / "lib", readable)
 
     def _bin(self, name: str) -> str:
         spec = importlib.util.find_spec("pgserver")

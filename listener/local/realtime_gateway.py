@@ -138,10 +138,9 @@ class RealtimeGateway:
 
     @property
     def subscription_count(self) -> int:
-        """Live postgres_changes bindings over all sockets."""
-        return sum(
-            len(ch.bindings) for c in self._connections for ch in c.channels.values() if ch.live
-        )
+        """Live postgres_changes bindings over all sockets (safe to read from other threads)."""
+        channels = [ch for c in list(self._connections) for ch in list(c.channels.values())]
+        return sum(len(ch.bindings) for ch in channels if ch.live)
 
     @property
     def slot_name(self) -> str | None:

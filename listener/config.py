@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         description="Fly API token (deploy or org token); never logged"
     )
     fly_app_name: str = Field(min_length=1, description="Fly app that holds the sandbox machines")
+    sandbox_app_name: str | None = Field(
+        default=None,
+        description="Overrides FLY_APP_NAME; required on Fly, where the platform sets "
+        "FLY_APP_NAME to the listener's own app",
+    )
     fly_api_hostname: AnyHttpUrl = Field(
         default=AnyHttpUrl("https://api.machines.dev"),
         description="Machines API base URL (http://_api.internal:4280 inside Fly)",
@@ -113,7 +118,9 @@ class Settings(BaseSettings):
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Platform port (Fly, Heroku)"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug | info | warning | error"
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: JSON unless stderr is a terminal"
     )
@@ -144,10 +151,36 @@ class Settings(BaseSettings):
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from a mapping; raise one ConfigError naming every bad variable."""
+        values = {k.lower(): v for k, v in env.items()}
+        problems = _sandbox_app_problems(env)
+        if values.get("sandbox_app_name"):
+            values["fly_app_name"] = values["sandbox_app_name"]
         try:
-            return cls.model_validate({k.lower(): v for k, v in env.items()})
+            settings = cls.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError([_describe(err) for err in exc.errors()]) from None
+            raise ConfigError(problems + [_describe(err) for err in exc.errors()]) from None
+        if problems:
+            raise ConfigError(problems)
+        return settings
+
+
+def _sandbox_app_problems(env: Mapping[str, str]) -> list[str]:
+    """On Fly, FLY_APP_NAME is the listener's own app, whose secrets every machine in it gets:
+    sandboxes must go to another app, named by SANDBOX_APP_NAME."""
+    if not env.get("FLY_MACHINE_ID"):
+        return []
+    sandbox_app = env.get("SANDBOX_APP_NAME", "")
+    if not sandbox_app:
+        return [
+            "SANDBOX_APP_NAME: required on Fly (FLY_APP_NAME there is this listener's own app); "
+            "set it to the app that holds the sandbox machines"
+        ]
+    if sandbox_app == env.get("FLY_APP_NAME"):
+        return [
+            "SANDBOX_APP_NAME: must not be the listener's own app: its machines would receive "
+            "the listener's secrets"
+        ]
+    return []
 
 
 def _describe(err: Mapping[str, object]) -> str:

@@ -58,18 +58,21 @@ class Dispatcher:
         self._handler = handler
         self._run_commands = run_commands
         self._metrics = metrics or Metrics()
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
+        self._queue: deque[Job] = deque()
+        self._max_queued = max_queued
+        self._queued = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._pending: dict[tuple[Lane, str], deque[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._draining = False
 
     @property
     def backlog(self) -> int:
-        """Jobs queued or waiting behind their session's running job."""
-        return self._queue.qsize() + sum(len(q) for q in self._pending.values())
+        """Jobs this process holds: queued, running, or waiting for their lane or a slot."""
+        return len(self._queue) + sum(len(q) for q in self._pending.values())
 
     def submit(self, session_id: str, *, announced: bool = False) -> None:
         """Queue a hint without blocking (callbacks call this); if full, drop it: scans catch up."""
@@ -100,11 +103,11 @@ class Dispatcher:
             await self._idle.wait()
 
     def _put(self, job: Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if len(self._queue) >= self._max_queued:
             log.warning("job_dropped", session_id=job.session_id, reason="queue full")
             return
+        self._queue.append(job)
+        self._queued.set()
         self._idle.clear()
         self._metrics.queue_depth.set(self.backlog)
 
@@ -114,12 +117,13 @@ class Dispatcher:
             stopped = tg.create_task(stop.wait(), name="dispatcher-stop")
             try:
                 while not stop.is_set():
-                    getter = tg.create_task(self._queue.get(), name="dispatcher-get")
-                    await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        break
-                    self._start(tg, getter.result())
+                    if not self._queue:
+                        self._queued.clear()
+                        queued = tg.create_task(self._queued.wait(), name="dispatcher-wait")
+                        await asyncio.wait({queued, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                        queued.cancel()
+                        continue
+                    self._start(tg, self._queue.popleft())  # taken and registered in one step
             finally:
                 stopped.cancel()
                 await self._drain(grace_s)
@@ -147,12 +151,19 @@ class Dispatcher:
         try:
             while queue:
                 job = queue[0]
-                async with self._slots:
-                    self._metrics.in_flight.inc()
-                    try:
-                        await self._run_job(job)
-                    finally:
-                        self._metrics.in_flight.dec()
+                started = False
+                try:
+                    async with self._slots:
+                        if not self._draining:  # no new work once stop is set
+                            started = True
+                            self._metrics.in_flight.inc()
+                            try:
+                                await self._run_job(job)
+                            finally:
+                                self._metrics.in_flight.dec()
+                finally:
+                    if not started and job.claimed is not None:
+                        await self._handler.hand_back(job.claimed)
                 queue.popleft()
         finally:
             del self._pending[key]
@@ -171,15 +182,18 @@ class Dispatcher:
 
     async def _drain(self, grace_s: float) -> None:
         """Hand back claimed rows nobody started; let running jobs finish within the grace."""
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        self._draining = True
+        while self._queue:
+            job = self._queue.popleft()
             if job.claimed is not None:
                 await self._handler.hand_back(job.claimed)
-        for queue in self._pending.values():
-            for job in list(queue)[1:]:
-                if job.claimed is not None:
-                    await self._handler.hand_back(job.claimed)
-                queue.remove(job)
+        waiting: list[Job] = []
+        for queue in list(self._pending.values()):  # running jobs finish (and leave) meanwhile
+            while len(queue) > 1:
+                waiting.append(queue.pop())
+        for job in waiting:
+            if job.claimed is not None:
+                await self._handler.hand_back(job.claimed)
         if not self._tasks:
             return
         log.info("drain_started", running=len(self._tasks), grace_s=grace_s)

@@ -79,3 +79,27 @@ def test_case_insensitive_enums() -> None:
     s = Settings.from_env({**GOOD, "LOG_LEVEL": "DEBUG", "LOG_FORMAT": "JSON"})
     assert s.log_level == "debug"
     assert s.log_format == "json"
+
+
+def test_sandbox_app_name_wins_over_fly_app_name() -> None:
+    s = Settings.from_env({**GOOD, "SANDBOX_APP_NAME": "my-sandboxes"})
+    assert s.fly_app_name == "my-sandboxes"
+    only = {k: v for k, v in GOOD.items() if k != "FLY_APP_NAME"}
+    assert Settings.from_env({**only, "SANDBOX_APP_NAME": "x"}).fly_app_name == "x"
+
+
+def test_on_fly_the_sandbox_app_must_be_named_and_not_be_the_listeners_own() -> None:
+    on_fly = {**GOOD, "FLY_MACHINE_ID": "148e21", "FLY_APP_NAME": "my-listener"}
+    with pytest.raises(ConfigError) as missing:
+        Settings.from_env(on_fly)
+    assert "SANDBOX_APP_NAME: required on Fly" in str(missing.value)
+    with pytest.raises(ConfigError) as same:
+        Settings.from_env({**on_fly, "SANDBOX_APP_NAME": "my-listener"})
+    assert "must not be the listener's own app" in str(same.value)
+    assert Settings.from_env({**on_fly, "SANDBOX_APP_NAME": "boxes"}).fly_app_name == "boxes"
+
+
+def test_fly_problem_is_listed_with_the_others() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"FLY_MACHINE_ID": "148e21", "FLY_APP_NAME": "my-listener"})
+    assert len(info.value.problems) == 4  # SANDBOX_APP_NAME + three missing variables

@@ -110,6 +110,16 @@ class MachineConfig(TypedDict):
     restart: RestartConfig
 
 
+@dataclass(frozen=True, slots=True)
+class FlyApp:
+    """A Fly app as `get_app` reads it; `machine_count` only when Fly says."""
+
+    name: str
+    status: str
+    organization: str
+    machine_count: int | None = None
+
+
 def machine_config(
     image: str,
     *,
@@ -235,7 +245,7 @@ def _retry_unsent(exc: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _Op:
-    """One kind of call: log name, HTTP method, path under the app's machines, rate-limit action
+    """One kind of call: log name, HTTP method, path under the app's URL, rate-limit action
     (scoped to the machine, or to the app for create and list) and retry policy."""
 
     name: str
@@ -245,21 +255,22 @@ class _Op:
     retry: Callable[[BaseException], bool] = is_retryable
 
 
-_CREATE = _Op("create_machine", "POST", "", "create", _retry_unsent)
-_LIST = _Op("list_machines", "GET", "", "list")
-_GET = _Op("get_machine", "GET", "/{id}", "get")
-_WAIT = _Op("wait_for_state", "GET", "/{id}/wait", "wait", _retry_wait)
-_START = _Op("start", "POST", "/{id}/start", "start")
-_STOP = _Op("stop", "POST", "/{id}/stop", "stop")
-_SUSPEND = _Op("suspend", "POST", "/{id}/suspend", "suspend")
-_DESTROY = _Op("destroy", "DELETE", "/{id}", "destroy")
-_EXEC = _Op("exec", "POST", "/{id}/exec", "exec", _retry_unsent)
-_ACQUIRE_LEASE = _Op("acquire_lease", "POST", "/{id}/lease", "lease")
-_REFRESH_LEASE = _Op("refresh_lease", "POST", "/{id}/lease", "lease")
-_RELEASE_LEASE = _Op("release_lease", "DELETE", "/{id}/lease", "lease")
-_GET_METADATA = _Op("get_metadata", "GET", "/{id}/metadata", "metadata")
-_SET_METADATA = _Op("set_metadata", "POST", "/{id}/metadata/{key}", "metadata")
-_DELETE_METADATA = _Op("delete_metadata", "DELETE", "/{id}/metadata/{key}", "metadata")
+_GET_APP = _Op("get_app", "GET", "", "get_app")
+_CREATE = _Op("create_machine", "POST", "/machines", "create", _retry_unsent)
+_LIST = _Op("list_machines", "GET", "/machines", "list")
+_GET = _Op("get_machine", "GET", "/machines/{id}", "get")
+_WAIT = _Op("wait_for_state", "GET", "/machines/{id}/wait", "wait", _retry_wait)
+_START = _Op("start", "POST", "/machines/{id}/start", "start")
+_STOP = _Op("stop", "POST", "/machines/{id}/stop", "stop")
+_SUSPEND = _Op("suspend", "POST", "/machines/{id}/suspend", "suspend")
+_DESTROY = _Op("destroy", "DELETE", "/machines/{id}", "destroy")
+_EXEC = _Op("exec", "POST", "/machines/{id}/exec", "exec", _retry_unsent)
+_ACQUIRE_LEASE = _Op("acquire_lease", "POST", "/machines/{id}/lease", "lease")
+_REFRESH_LEASE = _Op("refresh_lease", "POST", "/machines/{id}/lease", "lease")
+_RELEASE_LEASE = _Op("release_lease", "DELETE", "/machines/{id}/lease", "lease")
+_GET_METADATA = _Op("get_metadata", "GET", "/machines/{id}/metadata", "metadata")
+_SET_METADATA = _Op("set_metadata", "POST", "/machines/{id}/metadata/{key}", "metadata")
+_DELETE_METADATA = _Op("delete_metadata", "DELETE", "/machines/{id}/metadata/{key}", "metadata")
 
 
 class _Wire(BaseModel):
@@ -309,6 +320,21 @@ class _LeaseEnvelope(_Wire):
     data: _LeaseWire
 
 
+class _OrganizationWire(_Wire):
+    slug: str | None = None
+
+
+class _AppWire(_Wire):
+    name: str = Field(min_length=1)
+    status: str | None = None
+    organization: _OrganizationWire | None = None
+    machine_count: int | None = None
+
+    def model(self) -> FlyApp:
+        org = self.organization.slug if self.organization else None
+        return FlyApp(self.name, self.status or "", org or "", self.machine_count)
+
+
 class _ExecWire(_Wire):
     exit_code: int
     exit_signal: int | None = None
@@ -320,6 +346,7 @@ _MACHINE = TypeAdapter(_MachineWire)
 _MACHINES = TypeAdapter(list[_MachineWire])
 _LEASE: TypeAdapter[_LeaseEnvelope | _LeaseWire] = TypeAdapter(_LeaseEnvelope | _LeaseWire)
 _EXEC_RESULT = TypeAdapter(_ExecWire)
+_APP = TypeAdapter(_AppWire)
 _METADATA = TypeAdapter(dict[str, str])
 
 
@@ -370,7 +397,7 @@ class FlyClient:
         self._http = http
         self._app = app_name
         self._base_url = base_url.rstrip("/")
-        self._machines_url = f"{self._base_url}/v1/apps/{quote(app_name, safe='')}/machines"
+        self._app_url = f"{self._base_url}/v1/apps/{quote(app_name, safe='')}"
         self._authorization = SecretStr(authorization_header(secret))
         self._limiter = limiter if limiter is not None else fly_rate_limiter()
         self._max_attempts = max_attempts
@@ -400,6 +427,13 @@ class FlyClient:
 
     def __repr__(self) -> str:
         return f"FlyClient(base_url={self._base_url!r}, app_name={self._app!r})"
+
+    # Apps
+
+    async def get_app(self) -> FlyApp:
+        """The app the client works on; checks the token too (401 bad token, 404 no such app,
+        403 an app of another organisation)."""
+        return _decode(_APP, await self._send(_GET_APP), _GET_APP).model()
 
     # Machines
 
@@ -650,7 +684,7 @@ class FlyClient:
     ) -> httpx.Response:
         """Send `op` under its retry policy and the rate limiter: a 2xx response or a FlyError."""
         path = op.path.format(id=quote(machine_id or "", safe=""), key=quote(key, safe=""))
-        url = self._machines_url + path
+        url = self._app_url + path
         headers = {"Authorization": self._authorization.get_secret_value()}
         if nonce:
             headers[LEASE_NONCE_HEADER] = nonce

@@ -31,7 +31,7 @@ from listener.errors import (
     FlyTimeoutError,
     FlyUnavailableError,
 )
-from listener.fly import FLY_GET_RATE, FLY_RATE, FlyClient, machine_config
+from listener.fly import FLY_GET_RATE, FLY_RATE, FlyApp, FlyClient, machine_config
 from listener.metrics import Metrics
 from listener.models import ExecResult, Lease, Machine, MachineState
 from listener.ratelimit import Rate, RateLimiter
@@ -869,3 +869,61 @@ async def test_token_never_appears_in_repr_logs_or_errors(
         texts += [str(exc), repr(exc), repr(exc.__cause__), str(exc.__cause__)]
     assert logs
     assert all(TOKEN not in text for text in texts)
+
+
+# Apps (the doctor's check of the token and the app)
+
+APP_URL = f"{BASE}/v1/apps/{APP}"
+
+
+@pytest.fixture
+def app_router() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=APP_URL, assert_all_called=True) as mock:
+        yield mock
+
+
+async def test_get_app_reads_the_app_with_the_token(
+    fly: FlyClient, app_router: respx.MockRouter
+) -> None:
+    body = {
+        "id": APP,
+        "name": APP,
+        "status": "deployed",
+        "organization": {"name": "Acme", "slug": "acme"},
+        "machine_count": 3,
+        "volume_count": 0,
+        "network": "default",
+    }
+    route = app_router.get("").mock(return_value=ok(body))
+    app = await fly.get_app()
+    assert app == FlyApp(name=APP, status="deployed", organization="acme", machine_count=3)
+    request: httpx.Request = route.calls.last.request
+    assert (request.method, str(request.url), request.content) == ("GET", APP_URL, b"")
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_get_app_tolerates_a_bare_app(fly: FlyClient, app_router: respx.MockRouter) -> None:
+    app_router.get("").mock(return_value=ok({"name": APP}))
+    assert await fly.get_app() == FlyApp(name=APP, status="", organization="")
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(401, FlyClientError), (403, FlyClientError), (404, FlyNotFoundError)],
+    ids=["bad-token", "other-org", "no-such-app"],
+)
+async def test_get_app_failures_are_typed_and_not_retried(
+    fly: FlyClient, app_router: respx.MockRouter, status: int, error: type[FlyError]
+) -> None:
+    route = app_router.get("").mock(return_value=err(status, "nope"))
+    with pytest.raises(error) as info:
+        await fly.get_app()
+    assert info.value.status == status
+    assert str(info.value).startswith("get_app: nope")
+    assert route.call_count == 1
+
+
+async def test_get_app_retries_a_503(fly: FlyClient, app_router: respx.MockRouter) -> None:
+    route = app_router.get("").mock(side_effect=[err(503), ok({"name": APP})])
+    assert (await fly.get_app()).name == APP
+    assert route.call_count == 2

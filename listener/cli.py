@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_env_file(run_in)
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="check settings, Supabase (schema, publication, Realtime) and the Fly token and app",
+        description="Check the configuration and every service it names; print one PASS, WARN, "
+        "FAIL or SKIP line per check (with a hint on WARN and FAIL). Exits 0 when nothing "
+        "failed, 1 when a check failed, 2 on bad configuration. Never prints a secret.",
+    )
+    _add_env_file(doctor)
+
     destroy = commands.add_parser("destroy", help="destroy one session's sandbox now")
     destroy.add_argument("session", help="coding_sessions.id")
     _add_env_file(destroy)
@@ -143,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_main()
     if args.command == "dev":
         return asyncio.run(_dev(args))
-    if args.command in {"status", "sweep", "destroy", "exec"}:
+    if args.command in {"status", "sweep", "destroy", "exec", "doctor"}:
         return _operator(args)
     if args.command == "local":
         if args.local_command == "up":
@@ -189,6 +198,11 @@ def _operator(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.env_file:
         env = {**_read_env_file(args.env_file), **env}
+    if args.command == "doctor":  # reports bad settings as checks, so it reads them itself
+        from listener.doctor import doctor
+
+        configure_logging("error", env.get("LOG_FORMAT", "auto").lower())
+        return asyncio.run(doctor(env))
     settings = load_settings(env)
     if settings is None:
         return 2

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from listener.models import SandboxState
 
 PROVISION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -80,3 +84,8 @@ class Metrics:
     def destroyed(self, reason: str) -> None:
         """A sandbox was destroyed for `reason`."""
         self.sandboxes_destroyed.labels(reason=reason).inc()
+
+    def set_sessions_by_state(self, counts: Mapping[str, int]) -> None:
+        """Sessions per sandbox state as just counted; a state missing from `counts` has none."""
+        for state in {*(s.value for s in SandboxState), *counts}:
+            self.sessions_by_state.labels(state=state).set(counts.get(state, 0))

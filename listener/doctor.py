@@ -300,7 +300,7 @@ async def probe_rest(
     if response.is_success:
         return RestAnswer(response.status_code, body=body)
     error = body if isinstance(body, dict) else {}
-    message = error.get("message") or response.text.strip() or response.reason_phrase
+    message = str(error.get("message") or response.text.strip() or response.reason_phrase)
     return RestAnswer(response.status_code, str(error.get("code") or ""), message[:TEXT_LIMIT])
 
 

@@ -242,7 +242,12 @@ async def _local_up(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - started
         _print_stack(info.env(), user_jwt, elapsed)
         if args.env_file:
-            info.write_env_file(args.env_file)
+            test_user = {
+                "LOCAL_USER_ID": str(user_id),
+                "LOCAL_USER_EMAIL": DEV_USER_EMAIL,
+                "LOCAL_USER_JWT": user_jwt,
+            }
+            info.write_env_file(args.env_file, extra=test_user)
             print(f"Wrote {args.env_file}.")
         print("Press Ctrl-C to stop.", flush=True)
         await _wait_for_signal()

@@ -64,10 +64,11 @@ class StackInfo:
             "FLY_APP_NAME": self.fly_app_name,
         }
 
-    def write_env_file(self, path: Path) -> None:
+    def write_env_file(self, path: Path, extra: dict[str, str] | None = None) -> None:
         """Write the env file atomically (readable by the owner only: it holds keys)."""
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{k}={v}\n" for k, v in self.env().items()))
+        values = {**self.env(), **(extra or {})}
+        tmp.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         tmp.chmod(0o600)
         tmp.replace(path)
 

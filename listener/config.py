@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     # Supabase
     supabase_url: AnyHttpUrl = Field(description="Project URL, e.g. https://abc.supabase.co")
     supabase_service_role_key: SecretStr = Field(
-        description="Service-role key (bypasses RLS); never logged"
+        min_length=1, description="Service-role key (bypasses RLS); never logged"
     )
 
     # Fly

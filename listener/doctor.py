@@ -27,7 +27,7 @@ from listener.errors import (
     FlyUnavailableError,
 )
 from listener.fly import FlyApp, FlyClient
-from listener.realtime import is_confirmation
+from listener.realtime import PUBLISHED_TABLES, is_confirmation
 
 # What the listener needs from the database (store.py calls these functions; a unit test keeps
 # the list in step) and the tables its Realtime channel listens to (realtime.py).
@@ -61,7 +61,6 @@ REQUIRED_FUNCTIONS = (
     "sessions_with_pending_commands",
     "take_listener_lease",
 )
-PUBLISHED_TABLES = ("coding_sessions", "sandbox_commands")
 PUBLICATION = "supabase_realtime"
 DOCTOR_FUNCTION = "sandbox_doctor"
 CHANNEL = "sandbox-listener-doctor"

@@ -304,6 +304,10 @@ class Controller:
 
     async def teardown(self, row: Session, reason: StopReason) -> None:
         """Destroy the session's machine (force; 404 is done) and mark the row destroyed."""
+        with structlog.contextvars.bound_contextvars(machine_id=row.sandbox_id):
+            await self._teardown(row, reason)
+
+    async def _teardown(self, row: Session, reason: StopReason) -> None:
         unrecorded = row.sandbox_id is None and row.state in {
             SandboxState.PROVISIONING,
             SandboxState.STOPPING,

@@ -20,6 +20,7 @@ log = structlog.get_logger(component="realtime")
 
 TABLE = "coding_sessions"
 COMMANDS_TABLE = "sandbox_commands"
+PUBLISHED_TABLES = (TABLE, COMMANDS_TABLE)  # must be in the supabase_realtime publication
 ALL = RealtimePostgresChangesListenEvent.All
 CHANNEL = "sandbox-listener"
 WATCHDOG_TICK_S = 1.0

@@ -33,6 +33,7 @@ log = structlog.get_logger(component="store")
 
 Row = Mapping[str, Any]
 TABLE = "coding_sessions"
+STATS_VIEW = "sandbox_stats"
 
 
 async def connect(
@@ -229,6 +230,16 @@ class SandboxStore:
         rows = await self._call("sessions_with_pending_commands", {"p_limit": limit})
         return [str(r) for r in rows or []]
 
+    async def session_counts(self) -> dict[str, int]:
+        """Sessions by sandbox state, from the sandbox_stats view (one query)."""
+        rows = await self._select(lambda q: q, table=STATS_VIEW, columns="sessions_by_state")
+        counts: Mapping[str, Any] = rows[0]["sessions_by_state"] if rows else {}
+        return {str(state): int(n) for state, n in counts.items()}
+
+    async def ping(self) -> None:
+        """A cheap read through a listener function: Supabase, the key and the schema answer."""
+        await self.live_sessions(limit=0)
+
     async def take_leader_lease(self, name: str, ttl_s: int) -> bool:
         """Take or renew a named lease (e.g. the sweeper's); True if this process holds it."""
         held = await self._call(
@@ -265,14 +276,16 @@ class SandboxStore:
             raise ClaimLostError(s.id, s.epoch)
         return now
 
-    async def _select(self, refine: Callable[[Any], Any]) -> list[Row]:
-        """A read of coding_sessions through PostgREST (service role), errors translated."""
+    async def _select(
+        self, refine: Callable[[Any], Any], *, table: str = TABLE, columns: str = "*"
+    ) -> list[Row]:
+        """A read through PostgREST (service role), errors translated."""
         try:
-            response = await refine(self._client.table(TABLE).select("*")).execute()
+            response = await refine(self._client.table(table).select(columns)).execute()
         except APIError as exc:
-            raise _store_error(f"select {TABLE}", exc) from exc
+            raise _store_error(f"select {table}", exc) from exc
         except httpx.HTTPError as exc:
-            raise StoreError(f"select {TABLE}: {type(exc).__name__}: {exc}") from exc
+            raise StoreError(f"select {table}: {type(exc).__name__}: {exc}") from exc
         rows: list[Row] = response.data
         return rows
 

@@ -26,7 +26,7 @@ create table auth.users (
     created_at timestamptz not null default now(),
     updated_at timestamptz not null default now()
 );
-grant select on auth.users to service_role;
+-- As on hosted Supabase, the API roles (service_role included) cannot read auth.users.
 
 create function auth.uid() returns uuid language sql stable as $$
   select coalesce(

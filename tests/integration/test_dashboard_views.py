@@ -13,42 +13,18 @@ from psycopg import sql
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from listener.local.postgres import EmbeddedPostgres
 from tests.integration.db_helpers import (
     Row,
-    api_connection,
     as_role,
     call,
-    connect,
     create_user,
     insert_session,
-    truncate_sandbox_tables,
 )
 
 Conn = psycopg.Connection[DictRow]
 PERMISSION_DENIED = psycopg.errors.InsufficientPrivilege
 VIEWS = ("sandbox_overview", "sandbox_stats")
 FUNCTIONS = ("sandbox_owner_email(uuid)", "sandbox_doctor()")
-
-
-@pytest.fixture
-def db(postgres: EmbeddedPostgres) -> Iterator[Conn]:
-    with connect(postgres.dsn) as conn:
-        yield conn
-
-
-@pytest.fixture
-def api(postgres: EmbeddedPostgres) -> Iterator[Conn]:
-    with api_connection(postgres) as conn:
-        yield conn
-
-
-@pytest.fixture
-def empty(db: Conn) -> Iterator[None]:
-    """For tests that look at the whole tables: start and leave them empty."""
-    truncate_sandbox_tables(db)
-    yield
-    truncate_sandbox_tables(db)
 
 
 def email_of(db: Conn, user_id: uuid.UUID) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,11 +19,8 @@ from tests.integration.db_helpers import (
     api_connection,
     as_role,
     call,
-    connect,
-    create_user,
     get_session,
     insert_session,
-    truncate_sandbox_tables,
 )
 
 Conn = psycopg.Connection[DictRow]
@@ -40,31 +37,6 @@ CAS_FUNCTIONS = [
     ("sandbox_begin_stop", ("ended",)),
     ("sandbox_mark_destroyed", ()),
 ]
-
-
-@pytest.fixture
-def db(postgres: EmbeddedPostgres) -> Iterator[Conn]:
-    with connect(postgres.dsn) as conn:
-        yield conn
-
-
-@pytest.fixture
-def api(postgres: EmbeddedPostgres) -> Iterator[Conn]:
-    with api_connection(postgres) as conn:
-        yield conn
-
-
-@pytest.fixture
-def owner(db: Conn) -> uuid.UUID:
-    return create_user(db)
-
-
-@pytest.fixture
-def empty(db: Conn) -> Iterator[None]:
-    """For tests that look at the whole table: start and leave it empty."""
-    truncate_sandbox_tables(db)
-    yield
-    truncate_sandbox_tables(db)
 
 
 def svc(api: Conn, function: str, *args: Any) -> tuple[list[Row], datetime]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -11,12 +10,9 @@ from psycopg import sql
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from listener.local.postgres import EmbeddedPostgres
 from tests.integration.db_helpers import (
-    api_connection,
     as_role,
     call,
-    connect,
     create_user,
     get_session,
     insert_session,
@@ -44,23 +40,6 @@ LISTENER_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("release_listener_lease", ("sweeper", "owner")),
 ]
 SANDBOX_TABLES = ("coding_sessions", "sandbox_events", "sandbox_commands", "listener_leases")
-
-
-@pytest.fixture
-def db(postgres: EmbeddedPostgres) -> Iterator[Conn]:
-    with connect(postgres.dsn) as conn:
-        yield conn
-
-
-@pytest.fixture
-def api(postgres: EmbeddedPostgres) -> Iterator[Conn]:
-    with api_connection(postgres) as conn:
-        yield conn
-
-
-@pytest.fixture
-def owner(db: Conn) -> uuid.UUID:
-    return create_user(db)
 
 
 @pytest.fixture

@@ -157,8 +157,9 @@ def authorization_header(token: str) -> str:
 
 
 def fly_rate_limiter(rate: Rate = FLY_RATE, get_rate: Rate = FLY_GET_RATE) -> RateLimiter:
-    """A limiter keyed the way Fly limits: per action and per machine (or app)."""
-    return RateLimiter(rate, {_GET.action: get_rate})
+    """A limiter keyed the way Fly limits (per action and per machine or app), pacing just
+    inside Fly's rates (`Rate.with_headroom`) so bursts queue instead of earning 429s."""
+    return RateLimiter(rate.with_headroom(), {_GET.action: get_rate.with_headroom()})
 
 
 def to_fly_error(failure: httpx.Response | httpx.HTTPError, *, operation: str) -> FlyError:

@@ -21,6 +21,18 @@ class Rate:
         if self.per_s <= 0 or self.burst < 1:
             raise ValueError(f"invalid rate {self.per_s}/s burst {self.burst}")
 
+    def with_headroom(self) -> Rate:
+        """The pace to keep when a server enforces this rate: one token of its burst in reserve.
+
+        A client pacing at exactly the server's rate keeps the server's bucket at zero, so a
+        millisecond of jitter on the wire earns a 429. One spare token absorbs that jitter and
+        costs no sustained throughput (only one request of the first burst). With no burst to
+        spare, pace 2% under the rate instead.
+        """
+        if self.burst > 1:
+            return Rate(self.per_s, self.burst - 1)
+        return Rate(self.per_s * 0.98, 1)
+
 
 @dataclass(slots=True)
 class TokenBucket:

@@ -76,3 +76,9 @@ def test_idle_full_buckets_are_pruned_but_queued_ones_kept() -> None:
 def test_rate_rejects_nonsense(per_s: float, burst: int) -> None:
     with pytest.raises(ValueError, match="invalid rate"):
         Rate(per_s, burst)
+
+
+def test_headroom_keeps_one_token_of_the_burst_or_paces_under_a_burst_of_one() -> None:
+    assert Rate(1.0, 3).with_headroom() == Rate(1.0, 2)
+    assert Rate(5.0, 10).with_headroom() == Rate(5.0, 9)
+    assert Rate(1.0, 1).with_headroom() == Rate(0.98, 1)

@@ -144,6 +144,9 @@ async def destroy(settings: Settings, session_id: str, out: TextIO = sys.stdout)
             count = await parts.controller.destroy_machines_of(session_id, StopReason.OPERATOR)
             print(f"no such session; destroyed {count} machine(s) tagged with it", file=out)
             return 0
+        if row.state.is_final:  # never claimed: nothing left to tear down
+            print(f"session {session_id} is already {row.state.value}", file=out)
+            return 0
         if not row.claimed_by_me(parts.store.owner):
             print(
                 f"session {session_id} is being handled by {row.claimed_by} until "
@@ -151,10 +154,6 @@ async def destroy(settings: Settings, session_id: str, out: TextIO = sys.stdout)
                 file=sys.stderr,
             )
             return 1
-        if row.state.is_final:
-            await parts.controller.hand_back(row)
-            print(f"session {session_id} is already {row.state.value}", file=out)
-            return 0
         await parts.controller.teardown(row, StopReason.OPERATOR)
         print(f"destroyed the sandbox of session {session_id}", file=out)
     return 0

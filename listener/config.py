@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     # Supabase
     supabase_url: AnyHttpUrl = Field(description="Project URL, e.g. https://abc.supabase.co")
     supabase_service_role_key: SecretStr = Field(
-        min_length=1, description="Service-role key (bypasses RLS); never logged"
+        description="Service-role key (bypasses RLS); never logged"
     )
 
     # Fly
@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("supabase_service_role_key", "fly_api_token")
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
 
     @field_validator("sandbox_memory_mb", "sandbox_max_memory_mb")
     @classmethod

@@ -26,6 +26,8 @@ log = structlog.get_logger(component="dev")
 
 DEMO_EMAIL = "demo@example.com"
 DEMO_TIMEOUT_S = 60.0
+EVENT_TIMEOUT_S = 5.0
+EVENT_POLL_S = 0.05
 DEV_SETTINGS = {
     "SANDBOX_IMAGE": "registry.fly.io/sandbox-listener-sandbox:dev",
     "LISTENER_SWEEP_INTERVAL_S": "10",
@@ -112,15 +114,7 @@ async def demo(
     if state != "ready":
         print(f"demo: session {state}; see sandbox_events", file=out)
         return False
-    events = (
-        await user.table("sandbox_events")
-        .select("detail")
-        .eq("session_id", session_id)
-        .eq("event", "sandbox_ready")
-        .execute()
-    )
-    rows = _rows(events.data)
-    smoke = str(rows[0]["detail"].get("smoke_output", "")) if rows else ""
+    smoke = await _smoke_output(user, session_id)
     print(f"demo: smoke command said: {smoke!r}", file=out, flush=True)
     await user.table("coding_sessions").update({"status": "ended"}).eq("id", session_id).execute()
     print("demo: ended the session", file=out, flush=True)
@@ -165,6 +159,24 @@ async def dev(
         with contextlib.suppress(Exception):
             await viewer.realtime.close()
     return 0 if ok else 1
+
+
+async def _smoke_output(user: AsyncClient, session_id: str) -> str:
+    """The smoke command's output from the session's `sandbox_ready` event, which the listener
+    records just after the row turns ready: wait for it (briefly) rather than race it."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        while True:
+            events = (
+                await user.table("sandbox_events")
+                .select("detail")
+                .eq("session_id", session_id)
+                .eq("event", "sandbox_ready")
+                .execute()
+            )
+            rows = _rows(events.data)
+            if rows:
+                return str(rows[0]["detail"].get("smoke_output", ""))
+            await asyncio.sleep(EVENT_POLL_S)
 
 
 def _rows(data: object) -> list[dict[str, Any]]:

@@ -103,3 +103,12 @@ def test_fly_problem_is_listed_with_the_others() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"FLY_MACHINE_ID": "148e21", "FLY_APP_NAME": "my-listener"})
     assert len(info.value.problems) == 4  # SANDBOX_APP_NAME + three missing variables
+
+
+def test_empty_secrets_are_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**GOOD, "FLY_API_TOKEN": "", "SUPABASE_SERVICE_ROLE_KEY": "  "})
+    assert sorted(p.split(":")[0] for p in info.value.problems) == [
+        "FLY_API_TOKEN",
+        "SUPABASE_SERVICE_ROLE_KEY",
+    ]

@@ -18,11 +18,11 @@ import structlog
 from listener.config import Settings
 from listener.dispatcher import Dispatcher
 from listener.effects import Controller, utcnow
-from listener.errors import ClaimLostError, ConfigError
+from listener.errors import ConfigError
 from listener.fly import FlyClient
 from listener.logs import configure_logging
 from listener.metrics import Metrics
-from listener.models import StopReason
+from listener.models import Session, StopReason
 from listener.realtime import RealtimeIntake
 from listener.reconciler import Policy
 from listener.runner import CommandRunner
@@ -100,7 +100,8 @@ async def assemble(settings: Settings, *, owner: str | None = None) -> AsyncIter
             dispatcher,
             interval_s=settings.listener_poll_interval_s,
             lease_s=settings.listener_lease_s,
-            capacity=2 * settings.listener_concurrency,
+            capacity=settings.listener_concurrency,  # claim only what can start at once
+            release=controller.hand_back,
             metrics=metrics,
         )
         intake = RealtimeIntake(
@@ -147,15 +148,30 @@ async def run(settings: Settings, stop: asyncio.Event, *, owner: str | None = No
 
 
 async def destroy_all(parts: Listener) -> int:
-    """Tear down every live sandbox (LISTENER_DESTROY_ON_SHUTDOWN); returns how many."""
-    count = 0
-    for session in await parts.store.live_sessions():
-        row = await parts.store.claim(session.id, parts.settings.listener_lease_s, force=True)
-        if row is None or not row.claimed_by_me(parts.store.owner):
-            continue
-        with contextlib.suppress(ClaimLostError):
-            await parts.controller.teardown(row, StopReason.SHUTDOWN)
-            count += 1
+    """Tear down every live sandbox (LISTENER_DESTROY_ON_SHUTDOWN); returns how many. One
+    failure does not stop the others; the whole pass gets the shutdown grace."""
+    settings = parts.settings
+    slots = asyncio.Semaphore(settings.listener_concurrency)
+
+    async def destroy(session: Session) -> bool:
+        async with slots:
+            try:
+                row = await parts.store.claim(session.id, settings.listener_lease_s, force=True)
+                if row is None or not row.claimed_by_me(parts.store.owner):
+                    return False
+                await parts.controller.teardown(row, StopReason.SHUTDOWN)
+                return True
+            except Exception as exc:  # the sweeper or the deadline reaps what is left
+                log.warning("shutdown_destroy_failed", session_id=session.id, error=str(exc))
+                return False
+
+    done: list[bool] = []
+    try:
+        async with asyncio.timeout(max(settings.listener_shutdown_grace_s, 5.0)):
+            done = await asyncio.gather(*map(destroy, await parts.store.live_sessions()))
+    except TimeoutError:
+        log.warning("shutdown_destroy_timed_out")
+    count = sum(done)
     log.info("shutdown_destroyed", sandboxes=count)
     return count
 

@@ -17,6 +17,7 @@ from listener.effects import utcnow
 from listener.models import MANAGED_BY, Session, StopReason
 from listener.reconciler import DestroyOrphan, Policy, RecoverLost, SweepAction, decide
 from listener.store import connect
+from listener.sweeper import LEASE_NAME
 
 
 def _ago(then: datetime | None, now: datetime) -> str:
@@ -126,6 +127,8 @@ async def sweep(settings: Settings, *, dry_run: bool, out: TextIO = sys.stdout) 
                 stop.set()
             print(f"handled {claimed} due session(s)", file=out)
         report = await parts.sweeper.sweep_once(dry_run=dry_run)
+        if not dry_run:  # a one-off sweep must not keep running replicas from sweeping
+            await parts.store.release_leader_lease(LEASE_NAME)
         if not report.leader:
             print("another listener holds the sweeper lease; nothing reconciled", file=out)
         verb = "would" if dry_run else "did"
@@ -163,6 +166,7 @@ EXIT_TIMED_OUT = 124  # as coreutils `timeout`
 EXIT_NOT_RUN = 125  # rejected, or could not be run at all
 FINAL = {"succeeded", "failed", "timed_out", "rejected"}
 POLL_S = 0.1
+WAIT_MARGIN_S = 300.0  # queueing and provisioning on top of the command's own timeout
 
 
 async def exec_command(
@@ -175,7 +179,8 @@ async def exec_command(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    """Queue a command for a session (as its owner), wait, print the output, return its code."""
+    """Queue a command for a session (on behalf of its owner, with the service key), wait,
+    print the output, return its code."""
     async with httpx.AsyncClient(timeout=30) as http:
         client = await connect(
             str(settings.supabase_url), settings.supabase_service_role_key.get_secret_value(), http
@@ -196,7 +201,11 @@ async def exec_command(
         }
         inserted = await client.table("sandbox_commands").insert(row).execute()
         command_id = str(next(r for r in inserted.data if isinstance(r, dict))["id"])
-        result = await _wait_for_result(client, command_id, err)
+        try:
+            result = await _wait_for_result(client, command_id, err, timeout_s + WAIT_MARGIN_S)
+        except (TimeoutError, LookupError) as exc:
+            print(f"error: {exc}", file=err)
+            return EXIT_NOT_RUN
     stdout, stderr = result.get("stdout") or "", result.get("stderr") or ""
     out.write(stdout)
     err.write(stderr)
@@ -216,13 +225,20 @@ async def exec_command(
     return EXIT_NOT_RUN
 
 
-async def _wait_for_result(client: AsyncClient, command_id: str, err: TextIO) -> dict[str, Any]:
+async def _wait_for_result(
+    client: AsyncClient, command_id: str, err: TextIO, deadline_s: float
+) -> dict[str, Any]:
     """Poll the command row until it is final, showing progress on a terminal."""
     started = time.monotonic()
     shown = ""
     while True:
+        if time.monotonic() - started > deadline_s:
+            raise TimeoutError(f"no result after {deadline_s:.0f} s; is a listener running?")
         found = await client.table("sandbox_commands").select("*").eq("id", command_id).execute()
-        row = next(r for r in found.data if isinstance(r, dict))
+        rows = [r for r in found.data if isinstance(r, dict)]
+        if not rows:
+            raise LookupError("the command is gone (its session was deleted)")
+        row = rows[0]
         if row["status"] in FINAL:
             if shown and err.isatty():
                 print(file=err)

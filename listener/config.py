@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.errors import ConfigError
 
 CpuKind = Literal["shared", "performance"]
+ALLOWED_CPUS = (1, 2, 4, 8, 16)
 
 
 class Settings(BaseSettings):
@@ -61,6 +70,9 @@ class Settings(BaseSettings):
     )
     sandbox_cpu_kind: CpuKind = Field(default="shared", description="shared | performance")
     sandbox_cpus: int = Field(default=1, ge=1, le=16, description="vCPUs per sandbox")
+    sandbox_max_cpus: int = Field(
+        default=4, ge=1, le=16, description="Most vCPUs a row may ask for"
+    )
     sandbox_memory_mb: int = Field(
         default=1024, ge=256, le=32768, description="Memory per sandbox (multiple of 256)"
     )
@@ -144,6 +156,33 @@ class Settings(BaseSettings):
             raise ValueError("must be a multiple of 256")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Settings that are valid alone but contradict each other (checked once fields pass)."""
+        problems = []
+        if self.sandbox_cpus not in ALLOWED_CPUS or self.sandbox_max_cpus not in ALLOWED_CPUS:
+            problems.append(f"SANDBOX_CPUS and SANDBOX_MAX_CPUS must be one of {ALLOWED_CPUS}")
+        if self.sandbox_cpus > self.sandbox_max_cpus:
+            problems.append("SANDBOX_CPUS must not exceed SANDBOX_MAX_CPUS")
+        per_cpu = 2048 if self.sandbox_cpu_kind == "shared" else 8192
+        if self.sandbox_memory_mb > min(self.sandbox_max_memory_mb, per_cpu * self.sandbox_cpus):
+            problems.append(
+                "SANDBOX_MEMORY_MB must not exceed SANDBOX_MAX_MEMORY_MB nor "
+                f"{per_cpu} MB per {self.sandbox_cpu_kind} CPU"
+            )
+        if (
+            self.sandbox_idle_warning_s
+            and self.sandbox_idle_warning_s >= self.sandbox_idle_timeout_s
+        ):
+            problems.append("SANDBOX_IDLE_WARNING_S must be shorter than SANDBOX_IDLE_TIMEOUT_S")
+        try:
+            shlex.split(self.sandbox_smoke_command)
+        except ValueError as exc:
+            problems.append(f"SANDBOX_SMOKE_COMMAND cannot be parsed as a command line: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def http_port(self) -> int | None:
         """The port for health and metrics: LISTENER_HTTP_PORT, else PORT."""
@@ -192,7 +231,7 @@ def _sandbox_app_problems(env: Mapping[str, str]) -> list[str]:
 
 def _describe(err: Mapping[str, object]) -> str:
     """One line per problem: the variable's name and what is wrong, never its value."""
-    loc = err.get("loc") or ("?",)
+    loc = err.get("loc") or ("settings",)
     name = str(loc[0]).upper() if isinstance(loc, tuple) else str(loc).upper()
     if err.get("type") == "missing":
         return f"{name}: required but not set"

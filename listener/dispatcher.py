@@ -23,10 +23,12 @@ class Handler(Protocol):
 
     async def handle(self, session_id: str) -> None: ...
     async def act(self, row: Session) -> None: ...
-    async def hand_back(self, row: Session) -> None: ...
+    async def hand_back(self, row: Session) -> None:
+        """Release a claim; never raises."""
 
 
 Lane = Literal["session", "commands"]
+LANES: tuple[Lane, ...] = ("session", "commands")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,8 @@ class Dispatcher:
         self._queue: deque[Job] = deque()
         self._max_queued = max_queued
         self._queued = asyncio.Event()
-        self._slots = asyncio.Semaphore(concurrency)
+        # one cap per lane: long-running commands never hold up provisioning or teardown
+        self._slots = {lane: asyncio.Semaphore(concurrency) for lane in LANES}
         self._pending: dict[tuple[Lane, str], deque[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -153,7 +156,7 @@ class Dispatcher:
                 job = queue[0]
                 started = False
                 try:
-                    async with self._slots:
+                    async with self._slots[job.lane]:
                         if not self._draining:  # no new work once stop is set
                             started = True
                             self._metrics.in_flight.inc()
@@ -183,17 +186,12 @@ class Dispatcher:
     async def _drain(self, grace_s: float) -> None:
         """Hand back claimed rows nobody started; let running jobs finish within the grace."""
         self._draining = True
-        while self._queue:
-            job = self._queue.popleft()
-            if job.claimed is not None:
-                await self._handler.hand_back(job.claimed)
-        waiting: list[Job] = []
+        waiting: list[Job] = list(self._queue)
+        self._queue.clear()
         for queue in list(self._pending.values()):  # running jobs finish (and leave) meanwhile
             while len(queue) > 1:
                 waiting.append(queue.pop())
-        for job in waiting:
-            if job.claimed is not None:
-                await self._handler.hand_back(job.claimed)
+        await self._hand_back_all(waiting)
         if not self._tasks:
             return
         log.info("drain_started", running=len(self._tasks), grace_s=grace_s)
@@ -202,4 +200,10 @@ class Dispatcher:
             task.cancel()
         if late:
             await asyncio.wait(late)
+        await self._hand_back_all(list(self._queue))  # claimed while draining
+        self._queue.clear()
         log.info("drain_finished", cancelled=len(late))
+
+    async def _hand_back_all(self, jobs: list[Job]) -> None:
+        claimed = [job.claimed for job in jobs if job.claimed is not None]
+        await asyncio.gather(*(self._handler.hand_back(row) for row in claimed))

@@ -19,6 +19,7 @@ from listener.errors import (
     FlyNotFoundError,
     FlyOutcomeUnknownError,
     SessionGoneError,
+    StoreError,
 )
 from listener.fly import machine_config
 from listener.metrics import Metrics
@@ -42,6 +43,7 @@ from listener.reconciler import (
     Warn,
     decide,
     failure_message,
+    pick_machine,
     retry_delay_s,
 )
 
@@ -49,6 +51,7 @@ log = structlog.get_logger(component="effects")
 
 ADOPT_DELAYS_S = (0.5, 1.0, 2.0)  # Fly lists lag behind creates
 SMOKE_TIMEOUT_S = 30
+START_TIMEOUT_S = 300.0  # Fly: `created` can last minutes on a busy host
 HAND_BACK_TIMEOUT_S = 3.0
 
 
@@ -114,7 +117,6 @@ class Controller:
     image: str
     smoke_command: str = "echo Hello from sandbox"
     lease_s: int = 120
-    start_timeout_s: float = 300.0
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], datetime] = utcnow
     on_settled: Callable[[str], None] = lambda session_id: None
@@ -134,7 +136,7 @@ class Controller:
             try:
                 await self._act_keeping_lease(row)
             except asyncio.CancelledError:
-                await asyncio.wait_for(self.hand_back(row), HAND_BACK_TIMEOUT_S)
+                await self.hand_back(row)  # the next owner resumes at once, not after a lease
                 raise
 
     async def _act_keeping_lease(self, row: Session) -> None:
@@ -151,12 +153,16 @@ class Controller:
                 await self.hand_back(row)
 
     async def hand_back(self, row: Session) -> None:
-        """Release a claim this process will not finish (shutdown); the next owner resumes it."""
+        """Release a claim this process will not finish; never raises (shutdown paths call it):
+        if the release fails, the lease simply lapses."""
         try:
-            await self.store.release(row)
+            async with asyncio.timeout(HAND_BACK_TIMEOUT_S):
+                await self.store.release(row)
             log.info("claim_handed_back", session_id=row.id, state=row.state.value)
         except ClaimLostError:
             pass
+        except Exception as exc:  # StoreError, timeout: the lease lapses instead
+            log.warning("claim_hand_back_failed", session_id=row.id, error=str(exc))
 
     async def _apply(self, row: Session) -> None:
         match decide(row, self.clock(), self.policy):
@@ -167,8 +173,8 @@ class Controller:
             case Reject(error):
                 row = await self.store.mark_failed(row, error, None)
                 self.metrics.session_failed("rejected")
-                await self._event(row, "sandbox_rejected", error=error)
                 self.on_settled(row.id)
+                await self._event(row, "sandbox_rejected", error=error)
             case Warn():
                 row = await self.store.mark_idle_warning(row)
                 await self._event(row, "idle_warning", expires_at=_iso(row.expires_at))
@@ -187,14 +193,23 @@ class Controller:
         started = time.monotonic()
         machine: Machine | None = None
         try:
-            machine = await self._existing_machine(row) if resumed else None
+            extras: list[Machine] = []
+            if resumed:
+                machine, extras = await self._existing_machine(row)
+            created = machine is None
             if machine is None:
                 machine = await self._create(row, spec)
-            if row.sandbox_id != machine.id:
+            if row.sandbox_id != machine.id:  # written back before anything else can fail
                 row = await self.store.set_machine(row, machine.id, machine.region)
+            for duplicate in extras:  # only now, with the claim just confirmed
+                await self._destroy_quietly(duplicate.id)
+            if created:
+                await self._event(
+                    row, "machine_created", machine_id=machine.id, region=machine.region
+                )
             with structlog.contextvars.bound_contextvars(machine_id=machine.id):
                 machine = await self.fly.wait_for_state(
-                    machine.id, MachineState.STARTED, timeout_s=self.start_timeout_s, known=machine
+                    machine.id, MachineState.STARTED, timeout_s=START_TIMEOUT_S, known=machine
                 )
                 output = await self._smoke(machine)
                 row = await self.store.mark_ready(
@@ -211,11 +226,11 @@ class Controller:
                     smoke_output=output,
                 )
         except SessionGoneError:
-            if machine is not None:
+            if machine is not None:  # the row is gone: nobody else will want this machine
                 await self._destroy_quietly(machine.id)
             raise
         except ClaimLostError:
-            raise
+            raise  # the machine may be the new owner's now: leave it alone
         except Exception as exc:  # any failure becomes the row's state, nothing is lost
             await self._provision_failed(row, spec, machine, exc)
 
@@ -227,9 +242,9 @@ class Controller:
         log.warning(
             "provisioning_failed", error=str(exc), error_type=type(exc).__name__, retry_in_s=delay
         )
-        if machine is not None:
+        row = await self.store.mark_failed(row, message, delay)  # fenced: raises if not ours
+        if machine is not None:  # ours for sure now; the sweeper reaps it if this fails
             await self._destroy_quietly(machine.id)
-        row = await self.store.mark_failed(row, message, delay)
         if delay is None:
             self.metrics.session_failed("provisioning")
             self.on_settled(row.id)
@@ -241,54 +256,48 @@ class Controller:
             error_type=type(exc).__name__,
         )
 
-    async def _existing_machine(self, row: Session) -> Machine | None:
-        """After a crash or a lost lease: the machine an earlier attempt made, if it lives."""
+    async def _existing_machine(self, row: Session) -> tuple[Machine | None, list[Machine]]:
+        """After a crash or a lost lease: the machine an earlier attempt made, if it lives, and
+        any duplicates to destroy once the claim is confirmed."""
         if row.sandbox_id:
             with contextlib.suppress(FlyNotFoundError):
                 machine = await self.fly.get_machine(row.sandbox_id)
                 if not machine.state.is_gone:
-                    return machine
+                    return machine, []
         return await self._adopt(row, tries=1)
 
     async def _create(self, row: Session, spec: MachineSpec) -> Machine:
-        deadline = row.deadline_at or self.clock()
+        assert row.deadline_at is not None, "begin_provision sets the deadline"
         config = machine_config(
             self.image,
             cpu_kind=spec.cpu_kind,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
-            env={"SESSION_ID": row.id, "SANDBOX_DEADLINE_EPOCH_S": str(int(deadline.timestamp()))},
+            env={
+                "SESSION_ID": row.id,
+                "SANDBOX_DEADLINE_EPOCH_S": str(int(row.deadline_at.timestamp())),
+            },
             metadata={"session_id": row.id, "epoch": str(row.epoch), "managed_by": MANAGED_BY},
         )
         try:
-            machine = await self.fly.create_machine(config, region=spec.region)
+            return await self.fly.create_machine(config, region=spec.region)
         except FlyOutcomeUnknownError:
-            adopted = await self._adopt(row, tries=len(ADOPT_DELAYS_S))
+            adopted, _older = await self._adopt(row, tries=len(ADOPT_DELAYS_S))
             if adopted is None:
                 raise
-            machine = adopted
-        await self._event(row, "machine_created", machine_id=machine.id, region=machine.region)
-        return machine
+            return adopted  # older-epoch leftovers are the sweeper's: one create per claim
 
-    async def _adopt(self, row: Session, *, tries: int) -> Machine | None:
-        """Find this session's live machine by metadata; destroy any duplicates found."""
+    async def _adopt(self, row: Session, *, tries: int) -> tuple[Machine | None, list[Machine]]:
+        """Find this session's live machines by metadata: the one to keep and the extras."""
         for attempt in range(tries):
-            found = [
-                m
-                for m in await self.fly.list_machines(metadata={"session_id": row.id})
-                if not m.state.is_gone
-            ]
-            if found:
-                keep, *extra = sorted(
-                    found, key=lambda m: (m.epoch or 0, m.created_at or 0), reverse=True
-                )
-                for dup in extra:
-                    await self._destroy_quietly(dup.id)
-                log.info("machine_adopted", machine_id=keep.id, duplicates=len(extra))
-                return keep
+            found = await self.fly.list_machines(metadata={"session_id": row.id})
+            keep, extras = pick_machine(found)
+            if keep is not None:
+                log.info("machine_adopted", machine_id=keep.id, duplicates=len(extras))
+                return keep, extras
             if attempt + 1 < tries:
                 await asyncio.sleep(ADOPT_DELAYS_S[attempt])  # backoff for Fly's list lag
-        return None
+        return None, []
 
     async def _smoke(self, machine: Machine) -> str:
         if not self.smoke_command.strip():
@@ -318,8 +327,12 @@ class Controller:
         ids = {row.sandbox_id} if row.sandbox_id else set()
         if unrecorded:  # a crash between create and set_machine leaves the id only in Fly
             ids |= {m.id for m in await self.fly.list_machines(metadata={"session_id": row.id})}
-        for machine_id in sorted(ids):
-            await self.fly.destroy(machine_id, force=True)
+        try:
+            for machine_id in sorted(ids):
+                await self.fly.destroy(machine_id, force=True)
+        except FlyError as exc:  # keep the claim: the row is retried when its lease lapses
+            await self._event(row, "teardown_failed", error=str(exc), retry_in_s=self.lease_s)
+            return
         row = await self.store.mark_destroyed(row)
         self.metrics.destroyed(reason.value)
         self.on_settled(row.id)
@@ -354,11 +367,23 @@ class Controller:
     # -- lease and audit --------------------------------------------------------------------
 
     async def _keep_lease(self, row: Session) -> None:
-        """Renew the claim every lease/3; raising ClaimLostError ends the whole act()."""
+        """Renew the claim every lease/3. A failed renewal is retried at the next tick; a lost
+        (or released) claim ends renewal only: every write is fenced, so the work itself learns
+        of a takeover at its next write and stops there."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            await self.store.renew(row, self.lease_s)
+            try:
+                await self.store.renew(row, self.lease_s)
+            except ClaimLostError:
+                return
+            except StoreError as exc:
+                log.warning("lease_renew_failed", error=str(exc))
 
     async def _event(self, row: Session, event: str, **detail: Any) -> None:
+        """Log the transition and append it to sandbox_events; the audit is best-effort: a
+        failed write is logged, never undoes or fails the transition it describes."""
         log.info(event, **detail)
-        await self.store.record_event(row.id, row.epoch, event, detail)
+        try:
+            await self.store.record_event(row.id, row.epoch, event, detail)
+        except StoreError as exc:
+            log.warning("sandbox_event_failed", sandbox_event=event, error=str(exc))

@@ -95,10 +95,6 @@ class StoreError(ListenerError):
     """A Supabase (PostgREST) call failed."""
 
 
-class SubscriptionError(ListenerError):
-    """The Realtime subscription failed or was closed by the server."""
-
-
 def is_retryable(exc: BaseException) -> bool:
     """Whether a failed idempotent call may be repeated as it is."""
     return isinstance(

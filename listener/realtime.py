@@ -1,4 +1,4 @@
-"""Realtime intake: postgres_changes on coding_sessions as hints, with a watchdog that rebuilds."""
+"""Realtime intake: changes to sessions and new commands as hints, with a watchdog that rebuilds."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ ALL = RealtimePostgresChangesListenEvent.All
 CHANNEL = "sandbox-listener"
 WATCHDOG_TICK_S = 1.0
 UNHEALTHY_AFTER_S = 30.0  # disconnected, errored or unconfirmed this long: rebuild the client
+SUBSCRIBE_TIMEOUT_S = 30.0  # realtime-py's own connect retries can take ~65 s
+MAX_REBUILD_PAUSE_S = 30.0
 
 
 def session_id_of(payload: Mapping[str, Any] | PostgresChangesPayload) -> str | None:
@@ -75,30 +77,33 @@ class RealtimeIntake:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep one confirmed subscription until `stop`, rebuilding the client when it fails."""
+        failures = 0
         while not stop.is_set():
-            client: AsyncClient | None = None
+            client = await acreate_client(
+                self._url,
+                self._key,
+                options=AsyncClientOptions(realtime={"max_retries": 5, "hb_interval": 20}),
+            )
             try:
-                client = await self._subscribe()
+                async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+                    await self._subscribe(client)
+                failures = 0
                 await self._watch(client, stop)
             except Exception as exc:  # the socket or the join failed: rebuild after a pause
+                failures += 1
                 log.warning("realtime_subscribe_failed", error=f"{type(exc).__name__}: {exc}")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=WATCHDOG_TICK_S)
             finally:
                 self._set_confirmed(False)
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.realtime.close(), timeout=5)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.realtime.close(), timeout=5)
             if not stop.is_set():
+                pause = min(WATCHDOG_TICK_S * 2**failures, MAX_REBUILD_PAUSE_S) if failures else 0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=pause)
                 self.rebuilds += 1
                 log.info("realtime_rebuilding", rebuilds=self.rebuilds)
 
-    async def _subscribe(self) -> AsyncClient:
-        client = await acreate_client(
-            self._url,
-            self._key,
-            options=AsyncClientOptions(realtime={"max_retries": 5, "hb_interval": 20}),
-        )
+    async def _subscribe(self, client: AsyncClient) -> None:
         channel = client.channel(CHANNEL)
         channel.on_postgres_changes(ALL, schema="public", table=TABLE, callback=self._changed)
         channel.on_postgres_changes(
@@ -110,7 +115,6 @@ class RealtimeIntake:
         channel.on_system(self._system)
         self._healthy_since = time.monotonic()
         await channel.subscribe(self._state)
-        return client
 
     async def _watch(self, client: AsyncClient, stop: asyncio.Event) -> None:
         """Return when the subscription has been unhealthy too long (or on stop)."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import assert_never
 
-from listener.config import Settings
+from listener.config import ALLOWED_CPUS, Settings
 from listener.errors import (
     FlyCapacityError,
     FlyClientError,
@@ -38,7 +38,6 @@ from listener.models import (
 
 SHARED_MB_PER_CPU = 2048  # Fly: shared CPUs take 256..2048 MB each
 PERFORMANCE_MB_PER_CPU = 8192
-ALLOWED_CPUS = (1, 2, 4, 8, 16)
 CLOCK_SKEW_S = 2.0
 
 
@@ -52,6 +51,7 @@ class Policy:
     cpus: int
     memory_mb: int
     max_memory_mb: int
+    max_cpus: int
     max_attempts: int
     idle_timeout_s: int
     max_lifetime_s: int
@@ -70,6 +70,7 @@ class Policy:
             cpus=settings.sandbox_cpus,
             memory_mb=settings.sandbox_memory_mb,
             max_memory_mb=settings.sandbox_max_memory_mb,
+            max_cpus=settings.sandbox_max_cpus,
             max_attempts=settings.listener_max_attempts,
             idle_timeout_s=settings.sandbox_idle_timeout_s,
             max_lifetime_s=settings.sandbox_max_lifetime_s,
@@ -173,8 +174,9 @@ def machine_spec(session: Session, policy: Policy) -> MachineSpec | str:
         allowed = ", ".join(sorted(policy.allowed_regions))
         problems.append(f"region {region!r} is not allowed (allowed: {allowed})")
     cpus = session.requested_cpus or policy.cpus
-    if cpus not in ALLOWED_CPUS or cpus > max(policy.cpus, 8):
-        problems.append(f"cpus {cpus} is not one of {', '.join(map(str, ALLOWED_CPUS[:4]))}")
+    allowed_cpus = [c for c in ALLOWED_CPUS if c <= policy.max_cpus]
+    if cpus not in allowed_cpus:
+        problems.append(f"cpus {cpus} is not one of {', '.join(map(str, allowed_cpus))}")
     memory_mb = session.requested_memory_mb or policy.memory_mb
     per_cpu = SHARED_MB_PER_CPU if policy.cpu_kind == "shared" else PERFORMANCE_MB_PER_CPU
     ceiling = min(policy.max_memory_mb, per_cpu * max(cpus, 1))
@@ -250,8 +252,6 @@ def failure_message(error: BaseException, spec: MachineSpec | None = None) -> st
             )
         case StoreError():
             return f"Supabase call failed: {error}."
-        case TimeoutError():
-            return f"The machine did not start in time{where}."
         case _:
             return f"Unexpected error: {type(error).__name__}: {error}"
 
@@ -386,6 +386,14 @@ def _age_s(machine: Machine, now: datetime) -> float:
     if machine.created_at is None:
         return 0.0
     return (now - machine.created_at).total_seconds()
+
+
+def pick_machine(found: Iterable[Machine]) -> tuple[Machine | None, list[Machine]]:
+    """Of a session's machines, the live one to keep (newest epoch, then newest) and the rest."""
+    live = [m for m in found if not m.state.is_gone]
+    oldest = datetime.min.replace(tzinfo=UTC)
+    live.sort(key=lambda m: (m.epoch or 0, m.created_at or oldest), reverse=True)
+    return (live[0], live[1:]) if live else (None, [])
 
 
 def is_machine_lost(machine: Machine | None) -> bool:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import structlog
 
-from listener.errors import FlyError
+from listener.errors import FlyError, StoreError
 from listener.metrics import Metrics
 from listener.models import Command, CommandOutcome, CommandStatus, ExecResult, Session
 from listener.reconciler import command_failure, command_outcome, refuse_command
@@ -90,7 +90,7 @@ class CommandRunner:
                 )
                 keeper.cancel()
         except* FlyError as group:
-            failure = group.exceptions[0]  # type: ignore[assignment]  # except* narrows to FlyError
+            failure = group.exceptions[0]  # type: ignore[assignment]  # one task: a FlyError, not a group
         if failure is not None:
             return command_failure(failure, command)
         return command_outcome(result, self.output_limit_bytes)
@@ -99,6 +99,9 @@ class CommandRunner:
         """Renew every lease/3 while the command runs: it is activity, the sandbox stays."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            if not await self.store.renew_command_lease(command, self.lease_s):
-                log.warning("command_lease_lost")
-                return
+            try:
+                if not await self.store.renew_command_lease(command, self.lease_s):
+                    log.warning("command_lease_lost")
+                    return
+            except StoreError as exc:  # a blip: try again next tick, the command keeps running
+                log.warning("command_lease_renew_failed", error=str(exc))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
@@ -38,6 +38,7 @@ class Scanner:
         interval_s: float,
         lease_s: int,
         capacity: int,
+        release: Callable[[Session], Awaitable[None]],
         metrics: Metrics | None = None,
     ) -> None:
         self._store = store
@@ -45,6 +46,8 @@ class Scanner:
         self._interval_s = interval_s
         self._lease_s = lease_s
         self._capacity = capacity
+        self._release = release
+        self._stop = asyncio.Event()
         self._metrics = metrics or Metrics()
         self._wake = asyncio.Event()
         self.scans = 0
@@ -59,6 +62,9 @@ class Scanner:
         claimed = 0
         while (room := self._capacity - self._dispatcher.backlog) > 0:
             rows = await self._store.claim_due(self._lease_s, room)
+            if self._stop.is_set():  # stop came while claiming: nobody will work on these
+                await asyncio.gather(*(self._release(row) for row in rows))
+                return claimed
             for row in rows:
                 if is_missed_insert(row, self._dispatcher.was_announced(row.id)):
                     self._metrics.missed_events.inc()
@@ -75,6 +81,7 @@ class Scanner:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Scan at start, whenever triggered, and every interval, until `stop`."""
+        self._stop = stop
         while not stop.is_set():
             self._wake.clear()
             try:
@@ -82,12 +89,11 @@ class Scanner:
                 log.debug("scan_finished", claimed=claimed)
             except Exception:
                 log.exception("scan_failed")
-            waker = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.wait({waker, stopper}, return_when=asyncio.FIRST_COMPLETED),
-                    timeout=self._interval_s,
+            async with asyncio.TaskGroup() as tg:
+                woken = tg.create_task(self._wake.wait())
+                stopped = tg.create_task(stop.wait())
+                await asyncio.wait(
+                    {woken, stopped}, timeout=self._interval_s, return_when=asyncio.FIRST_COMPLETED
                 )
-            waker.cancel()
-            stopper.cancel()
+                woken.cancel()
+                stopped.cancel()

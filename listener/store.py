@@ -33,6 +33,11 @@ log = structlog.get_logger(component="store")
 
 Row = Mapping[str, Any]
 TABLE = "coding_sessions"
+# Retrying these after the request may have run would claim twice or record twice.
+NOT_IDEMPOTENT = frozenset(
+    {"claim_session", "claim_sessions", "claim_next_command", "sandbox_record_event"}
+)
+UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 STATS_VIEW = "sandbox_stats"
 
 
@@ -290,7 +295,7 @@ class SandboxStore:
         return rows
 
     async def _rpc(self, fn: str, args: Mapping[str, Any]) -> list[Row]:
-        data = await self._call(fn, args)
+        data = await self._call(fn, args, idempotent=fn not in NOT_IDEMPOTENT)
         if data is None:
             return []
         if isinstance(data, dict):
@@ -299,8 +304,9 @@ class SandboxStore:
             return data
         raise StoreError(f"{fn} returned {type(data).__name__}, expected rows")
 
-    async def _call(self, fn: str, args: Mapping[str, Any]) -> Any:
-        """Call an RPC with bounded retries on transport errors and 5xx; translate errors."""
+    async def _call(self, fn: str, args: Mapping[str, Any], *, idempotent: bool = True) -> Any:
+        """Call an RPC with bounded retries and translated errors. Idempotent functions are
+        retried on transport errors and 5xx; the others only when the request was never sent."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts),
             wait=self._wait,
@@ -315,9 +321,14 @@ class SandboxStore:
                 try:
                     response = await self._client.rpc(fn, dict(args)).execute()
                 except APIError as exc:
-                    raise _store_error(fn, exc) from exc
+                    error = _store_error(fn, exc)
+                    if not idempotent and isinstance(error, _TransientStoreError):
+                        error = StoreError(str(error))
+                    raise error from exc
                 except httpx.HTTPError as exc:
-                    raise _TransientStoreError(f"{fn}: {type(exc).__name__}: {exc}") from exc
+                    unsent = isinstance(exc, UNSENT)
+                    kind = _TransientStoreError if idempotent or unsent else StoreError
+                    raise kind(f"{fn}: {type(exc).__name__}: {exc}") from exc
                 return response.data
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 

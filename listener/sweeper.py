@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,6 +49,7 @@ class SweepRepo(Protocol):
 
     async def take_leader_lease(self, name: str, ttl_s: int) -> bool: ...
     async def release_leader_lease(self, name: str) -> None: ...
+    async def release(self, s: Session) -> Session: ...
     async def sessions_by_ids(self, ids: Sequence[str]) -> dict[str, Session]: ...
     async def live_sessions(self, limit: int = ...) -> list[Session]: ...
     async def claim(
@@ -57,6 +59,16 @@ class SweepRepo(Protocol):
     async def record_event(
         self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
     ) -> None: ...
+
+
+def _is_uuid(value: str) -> bool:
+    """Metadata is free text: an id that is not a UUID names no session (and would fail the
+    lookup for every machine)."""
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +99,18 @@ class Sweeper:
         if not dry_run and not await self.store.take_leader_lease(LEASE_NAME, ttl):
             return SweepReport(leader=False)
         machines = await self.fly.list_machines(metadata={"managed_by": MANAGED_BY})
-        ids = sorted({m.session_id for m in machines if m.session_id})
+        ids = sorted({m.session_id for m in machines if m.session_id and _is_uuid(m.session_id)})
         sessions = await self.store.sessions_by_ids(ids)
         live = await self.store.live_sessions()
         actions = reconcile(machines, sessions, live, self.clock(), self.policy)
         applied = 0
         if not dry_run:
-            for action in actions:
-                applied += await self._apply(action)
+            for action in actions:  # one failing action must not block the others, every sweep
+                try:
+                    applied += await self._apply(action)
+                except Exception as exc:
+                    self.metrics.sweep_actions.labels(action="failed").inc()
+                    log.warning("sweep_action_failed", action=repr(action), error=str(exc))
         log.info(
             "sweep_finished",
             machines=len(machines),
@@ -134,7 +150,11 @@ class Sweeper:
         if not is_machine_lost(machine):
             return 0
         row = await self.store.claim(session_id, self.lease_s, force=True)
-        if row is None or not row.claimed_by_me(self.store.owner) or row.sandbox_id != machine_id:
+        if row is None or not row.claimed_by_me(self.store.owner):
+            return 0
+        if row.sandbox_id != machine_id:  # replaced meanwhile: nothing to recover
+            with contextlib.suppress(ClaimLostError):
+                await self.store.release(row)
             return 0
         error = MachineLostError(machine_id)
         delay = retry_delay_s(row.attempts, error, self.policy)

@@ -202,12 +202,31 @@ def test_updated_at_moves_on_every_update(db: Conn, api: Conn, owner: uuid.UUID)
         ).fetchone()
     assert touched is not None
     assert touched["updated_at"] == touched["tx_now"]
+    claimed, _ = svc_one(api, "claim_session", session_id, "owner", 30, True)
     db.execute("update coding_sessions set updated_at = %s where id = %s", (long_ago, session_id))
-    _, now = svc_one(api, "sandbox_release", session_id, 0)
+    _, now = svc_one(api, "sandbox_release", session_id, claimed["sandbox_epoch"])
     assert get_session(db, session_id)["updated_at"] == now
 
 
 # -- one session through its life --------------------------------------------------------------
+
+
+def test_a_released_claim_can_no_longer_write(db: Conn, api: Conn, owner: uuid.UUID) -> None:
+    session_id = insert_session(db, owner)["id"]
+    claimed, _ = svc_one(api, "claim_session", session_id, "a", 30, True)
+    epoch = claimed["sandbox_epoch"]
+    svc_one(api, "sandbox_begin_provision", session_id, epoch, 3600)
+    failed, _ = svc_one(api, "sandbox_mark_failed", session_id, epoch, "boom", 60)
+    assert failed["sandbox_state"] == "requested" and failed["sandbox_claimed_by"] is None
+    # a stale job still holding this epoch must not skip the backoff or write anything else
+    for function, args in [
+        ("sandbox_begin_provision", (3600,)),
+        ("sandbox_begin_stop", ("ended",)),
+        ("sandbox_mark_destroyed", ()),
+        ("sandbox_mark_failed", ("late", None)),
+    ]:
+        after, _ = svc_one(api, function, session_id, epoch, *args)
+        assert (after["sandbox_state"], after["sandbox_error"]) == ("requested", "boom"), function
 
 
 def test_a_session_goes_from_requested_to_destroyed(db: Conn, api: Conn, owner: uuid.UUID) -> None:

@@ -112,3 +112,21 @@ def test_empty_secrets_are_refused() -> None:
         "FLY_API_TOKEN",
         "SUPABASE_SERVICE_ROLE_KEY",
     ]
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"SANDBOX_CPUS": "3"}, "SANDBOX_CPUS and SANDBOX_MAX_CPUS must be one of"),
+        ({"SANDBOX_CPUS": "8", "SANDBOX_MAX_CPUS": "4"}, "must not exceed SANDBOX_MAX_CPUS"),
+        ({"SANDBOX_MEMORY_MB": "4096"}, "2048 MB per shared CPU"),
+        ({"SANDBOX_IDLE_TIMEOUT_S": "60", "SANDBOX_IDLE_WARNING_S": "60"}, "must be shorter"),
+        ({"SANDBOX_SMOKE_COMMAND": "echo 'unclosed"}, "cannot be parsed as a command line"),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(
+    env: dict[str, str], fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**GOOD, **env})
+    assert fragment in str(info.value)

@@ -43,6 +43,7 @@ from listener.reconciler import (
     failure_message,
     is_permanent,
     machine_spec,
+    pick_machine,
     reconcile,
     refuse_command,
     retry_delay_s,
@@ -57,6 +58,7 @@ POLICY = Policy(
     cpus=1,
     memory_mb=1024,
     max_memory_mb=4096,
+    max_cpus=4,
     max_attempts=3,
     idle_timeout_s=1800,
     max_lifetime_s=14400,
@@ -213,7 +215,7 @@ def test_permanent_errors_are_fly_rejections_only() -> None:
         (FlyClientError("image not found", status=422), "Check SANDBOX_IMAGE"),
         (SmokeTestError(127, "bash: not found\n"), "smoke command exited 127: bash: not found"),
         (FlyServerError("internal", status=500), "the listener will retry"),
-        (TimeoutError(), "did not start in time"),
+        (FlyTimeoutError("still starting after 300s", status=None), "did not confirm the machine"),
     ],
 )
 def test_failure_messages_are_actionable(error: Exception, fragment: str) -> None:
@@ -305,6 +307,16 @@ def test_reconcile(
 ) -> None:
     live = [s for s in sessions.values() if not s.state.is_final]
     assert reconcile(machines, sessions, live, NOW, POLICY) == expected
+
+
+def test_pick_machine_keeps_the_newest_epoch_and_tolerates_missing_timestamps() -> None:
+    old = machine("m0", "s1", epoch=2)
+    new = machine("m1", "s1", epoch=3)
+    undated = replace(machine("m2", "s1", epoch=3), created_at=None)
+    gone = machine("m3", "s1", epoch=9, state=MachineState.DESTROYED)
+    keep, extras = pick_machine([old, undated, gone, new])
+    assert keep == new and extras == [undated, old]
+    assert pick_machine([gone]) == (None, [])
 
 
 def test_reconcile_ignores_provisioning_rows_without_machine() -> None:

@@ -187,18 +187,23 @@ class Controller:
         """Create or adopt the machine, wait for it, smoke-test it, mark ready; or retry/fail."""
         resumed = row.state is SandboxState.PROVISIONING
         row = await self.store.begin_provision(row, self.policy.max_lifetime_s)
-        await self._event(
-            row, "provisioning_started", attempt=row.attempts, region=spec.region, resumed=resumed
-        )
         started = time.monotonic()
         machine: Machine | None = None
         try:
-            extras: list[Machine] = []
-            if resumed:
-                machine, extras = await self._existing_machine(row)
-            created = machine is None
-            if machine is None:
-                machine = await self._create(row, spec)
+            try:
+                async with asyncio.TaskGroup() as tg:  # the audit write stays off the hot path
+                    tg.create_task(
+                        self._event(
+                            row,
+                            "provisioning_started",
+                            attempt=row.attempts,
+                            region=spec.region,
+                            resumed=resumed,
+                        )
+                    )
+                    machine, extras, created = await self._obtain_machine(row, spec, resumed)
+            except ExceptionGroup as group:  # only obtaining the machine can fail in there
+                raise group.exceptions[0] from None
             if row.sandbox_id != machine.id:  # written back before anything else can fail
                 row = await self.store.set_machine(row, machine.id, machine.region)
             for duplicate in extras:  # only now, with the claim just confirmed
@@ -233,6 +238,17 @@ class Controller:
             raise  # the machine may be the new owner's now: leave it alone
         except Exception as exc:  # any failure becomes the row's state, nothing is lost
             await self._provision_failed(row, spec, machine, exc)
+
+    async def _obtain_machine(
+        self, row: Session, spec: MachineSpec, resumed: bool
+    ) -> tuple[Machine, list[Machine], bool]:
+        """The machine to use (adopted when resuming, else created), duplicates, and whether
+        it was created now."""
+        if resumed:
+            machine, extras = await self._existing_machine(row)
+            if machine is not None:
+                return machine, extras, False
+        return await self._create(row, spec), [], True
 
     async def _provision_failed(
         self, row: Session, spec: MachineSpec, machine: Machine | None, exc: Exception
@@ -385,5 +401,5 @@ class Controller:
         log.info(event, **detail)
         try:
             await self.store.record_event(row.id, row.epoch, event, detail)
-        except StoreError as exc:
+        except Exception as exc:  # best-effort by design: never fail the work it describes
             log.warning("sandbox_event_failed", sandbox_event=event, error=str(exc))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from listener.effects import Controller
-from listener.errors import ClaimLostError, FlyServerError, StoreError
+from listener.errors import ClaimLostError, FlyCapacityError, FlyServerError, StoreError
 from listener.models import (
     ExecResult,
     Machine,
@@ -59,13 +59,21 @@ def session(**kw: Any) -> Session:
 class FakeFly:
     """Records calls; `fail_wait` makes the wait fail (a provisioning failure)."""
 
-    def __init__(self, fail_wait: bool = False, fail_destroy: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        fail_wait: bool = False,
+        fail_destroy: set[str] | None = None,
+        fail_create: Exception | None = None,
+    ) -> None:
         self.fail_wait = fail_wait
+        self.fail_create = fail_create
         self.fail_destroy = fail_destroy or set()
         self.destroyed: list[str] = []
         self.machines: list[Machine] = []
 
     async def create_machine(self, config: Mapping[str, object], *, region: str | None) -> Machine:
+        if self.fail_create is not None:
+            raise self.fail_create
         machine = Machine("m1", MachineState.CREATED, "iad", "v1", created_at=NOW)
         self.machines.append(machine)
         return machine
@@ -159,7 +167,7 @@ class FakeStore:
 
     async def mark_failed(self, s: Session, error: str, retry_after_s: float | None) -> Session:
         state = SandboxState.REQUESTED if retry_after_s is not None else SandboxState.FAILED
-        return self._step("mark_failed", state=state, sandbox_id=None, claimed_by=None)
+        return self._step("mark_failed", state=state, sandbox_id=None, claimed_by=None, error=error)
 
     async def begin_stop(self, s: Session, reason: str) -> Session:
         return self._step("begin_stop", state=SandboxState.STOPPING)
@@ -192,6 +200,21 @@ async def test_a_failed_provision_destroys_its_machine_once_the_failure_is_recor
     assert store.row.state is SandboxState.REQUESTED  # retry with backoff
     assert fly.destroyed == ["m1"]
     assert store.calls.index("mark_failed") < len(store.calls)
+
+
+async def test_a_failed_create_becomes_a_readable_retry() -> None:
+    fly = FakeFly(fail_create=FlyCapacityError("no capacity", status=422))
+    store = FakeStore(session())
+    await controller(fly, store).act(store.row)
+    assert store.row.state is SandboxState.REQUESTED
+    assert store.row.error and "Fly has no capacity for this sandbox" in store.row.error
+
+
+async def test_a_claim_lost_while_creating_stops_the_work() -> None:
+    fly = FakeFly(fail_create=ClaimLostError("s1", 5))
+    store = FakeStore(session())
+    await controller(fly, store).act(store.row)
+    assert "mark_failed" not in store.calls
 
 
 async def test_audit_failures_never_undo_or_fail_a_transition() -> None:

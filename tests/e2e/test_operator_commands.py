@@ -14,7 +14,6 @@ from listener.local.stack import StackThread
 from tests.e2e.harness import (
     frontend_user,
     in_state,
-    rows,
     listener_env,
     machines,
     running_listener,

@@ -40,7 +40,7 @@ REQUIRED_RELATIONS = (
     "sandbox_stats",
 )
 REQUIRED_FUNCTIONS = (
-    "claim_next_command",
+    "claim_next_command_with_machine",
     "claim_session",
     "claim_sessions",
     "finish_command",

@@ -205,6 +205,7 @@ class Command:
     timeout_s: int
     status: CommandStatus
     stdin: str | None = None
+    machine_id: str | None = None  # the session's sandbox when the command was claimed
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -12,7 +12,7 @@ import structlog
 
 from listener.errors import FlyError, StoreError
 from listener.metrics import Metrics
-from listener.models import Command, CommandOutcome, CommandStatus, ExecResult, Session
+from listener.models import Command, CommandOutcome, CommandStatus, ExecResult
 from listener.reconciler import command_failure, command_outcome, refuse_command
 
 log = structlog.get_logger(component="runner")
@@ -32,7 +32,6 @@ class CommandRepo(Protocol):
     async def claim_next_command(self, session_id: str, lease_s: int) -> Command | None: ...
     async def renew_command_lease(self, command: Command, lease_s: int) -> bool: ...
     async def finish_command(self, command: Command, outcome: CommandOutcome) -> bool: ...
-    async def sessions_by_ids(self, ids: Sequence[str]) -> Mapping[str, Session]: ...
 
 
 @dataclass
@@ -75,15 +74,14 @@ class CommandRunner:
             return outcome
 
     async def _execute(self, command: Command) -> CommandOutcome:
-        session = (await self.store.sessions_by_ids([command.session_id])).get(command.session_id)
-        if session is None or not session.sandbox_id:
+        if not command.machine_id:
             return CommandOutcome(CommandStatus.FAILED, error="The session has no sandbox now.")
         failure: FlyError | None = None
         try:
             async with asyncio.TaskGroup() as tg:
                 keeper = tg.create_task(self._keep_lease(command), name=f"cmd-lease-{command.id}")
                 result = await self.fly.exec(
-                    session.sandbox_id,
+                    command.machine_id,
                     list(command.argv),
                     stdin=command.stdin,
                     timeout_s=command.timeout_s,

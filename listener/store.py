@@ -35,7 +35,12 @@ Row = Mapping[str, Any]
 TABLE = "coding_sessions"
 # Retrying these after the request may have run would claim twice or record twice.
 NOT_IDEMPOTENT = frozenset(
-    {"claim_session", "claim_sessions", "claim_next_command", "sandbox_record_event"}
+    {
+        "claim_session",
+        "claim_sessions",
+        "claim_next_command_with_machine",
+        "sandbox_record_event",
+    }
 )
 UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 STATS_VIEW = "sandbox_stats"
@@ -197,9 +202,10 @@ class SandboxStore:
     # -- the command queue ------------------------------------------------------------------
 
     async def claim_next_command(self, session_id: str, lease_s: int) -> Command | None:
-        """The session's next command to run (FIFO, one at a time, ready sandbox), if any."""
+        """The session's next command to run (FIFO, one at a time, ready sandbox) with the
+        machine to run it in, if any."""
         rows = await self._rpc(
-            "claim_next_command",
+            "claim_next_command_with_machine",
             {"p_session_id": session_id, "p_owner": self.owner, "p_lease_s": lease_s},
         )
         return command_from_row(rows[0]) if rows else None
@@ -382,6 +388,7 @@ def command_from_row(row: Row) -> Command:
             timeout_s=int(row["timeout_s"]),
             status=CommandStatus(row["status"]),
             stdin=row.get("stdin"),
+            machine_id=row.get("sandbox_id"),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"unexpected sandbox_commands row shape: {exc!r}") from exc

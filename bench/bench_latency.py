@@ -107,6 +107,7 @@ def intervals(t: Timeline) -> dict[str, float]:
         "begin_provision_rpc": ms(
             t["store.begin_provision"]["t0"], t["store.begin_provision"]["t1"]
         ),
+        # the provisioning_started audit write, while it was awaited before the create
         "provisioning_started_event_rpc": ms(
             t["store.begin_provision"]["t1"], t["fly.create_machine"]["t0"]
         ),

@@ -51,7 +51,7 @@ DRAIN_TIMEOUT_S = 300.0
 
 
 def percentiles(samples_ms: Iterable[float]) -> dict[str, float]:
-    """n, p50, p90, p99 (nearest rank) and max of latencies in milliseconds."""
+    """n, min, p50, p90, p99 (nearest rank) and max of latencies in milliseconds."""
     ordered = sorted(samples_ms)
     if not ordered:
         return {"n": 0}

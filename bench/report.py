@@ -283,7 +283,7 @@ BREAKDOWN = {
     "event_to_claim_call": "event handed to the dispatcher -> claim_session called",
     "claim_rpc": "claim_session RPC",
     "begin_provision_rpc": "sandbox_begin_provision RPC",
-    "provisioning_started_event_rpc": "provisioning_started audit RPC (+ building the config)",
+    "provisioning_started_event_rpc": "begin_provision returned -> create_machine called",
     "create_call_to_arrival": "FlyClient.create_machine called -> request at the emulator",
     "wait_answer_to_exec_arrival": "wait answered -> smoke exec request at the emulator",
     "smoke_exec_in_emulator": "smoke command run by the emulator (not the listener's time)",
@@ -325,6 +325,10 @@ def render(results: dict[str, Json]) -> str:
         for what, target, result, met in rows_of(results[name]):
             lines.append(f"| {what} | {target} | {result} | {met} |")
     lines += [f"| {w} | {t} | {res} | {m} |" for w, t, res, m in comparison_rows(results)]
+    others = {n: s for n, s in run.get("benches", {}).items() if n not in SECTIONS}
+    if others:
+        listed = ", ".join(f"`{n}` ({s['status']})" for n, s in others.items())
+        lines += ["", f"Also run, in their own formats (`bench/results/<name>.*`): {listed}."]
     if "latency" in results:
         lines += breakdown(results["latency"])
     return "\n".join(lines)

@@ -25,22 +25,31 @@ RESULTS = REPO_ROOT / "bench" / "results"
 LOGS = RESULTS / "logs"
 BURST = 200
 FULL_BURST = 1000
-REALTIME = ["bench/bench_realtime.py"]  # another module's script: run as a file, not imported
+REALTIME_ARGS = [
+    "bench/bench_realtime.py",
+    "--commits",
+    "300",
+    "--default-commits",
+    "50",
+    "--up-runs",
+    "1",
+]
 FACTS = "import json; from bench.report import machine_facts; print(json.dumps(machine_facts()))"
 
 
 @dataclass(frozen=True)
 class Bench:
-    """One benchmark process; `prints_result`: its JSON comes on stdout, not in a file."""
+    """One benchmark process. `output`: "file" (it writes the --out JSON), "json" (it prints
+    its JSON) or "text" (it prints a report, kept as <name>.txt)."""
 
     name: str
     args: list[str]
     timeout_s: float
-    prints_result: bool = False
+    output: str = "file"
     retries: int = 0  # a failed run is repeated (and the attempts recorded) this many times
 
     def command(self) -> list[str]:
-        if self.prints_result:
+        if self.output != "file":
             return [sys.executable, *self.args]
         return [sys.executable, *self.args, "--out", str(RESULTS / f"{self.name}.json")]
 
@@ -49,15 +58,7 @@ def benches(burst: int) -> list[list[Bench]]:
     """Groups run one after another; the benchmarks within a group run side by side."""
     burst_timeout = 3 * burst + 600
     return [
-        [
-            Bench(
-                "realtime",
-                [*REALTIME, "--commits", "300", "--default-commits", "50", "--up-runs", "1"],
-                300,
-                prints_result=True,
-                retries=1,
-            )
-        ],
+        [Bench("realtime", REALTIME_ARGS, 300, output="json", retries=1)],
         [Bench("latency", ["-m", "bench.bench_latency"], 300)],
         [Bench("sweeper", ["-m", "bench.bench_sweeper"], 400)],
         [Bench("memory", ["-m", "bench.bench_memory"], 500)],
@@ -71,6 +72,11 @@ def benches(burst: int) -> list[list[Bench]]:
             )
             for design in ("listener", "baseline")
         ],
+        # The component benchmarks of the earlier issues, kept as they print them.
+        [Bench("rest", ["bench/bench_rest.py", "--calls", "300"], 300, output="json")],
+        [Bench("fly-burst", ["bench/bench_fly_burst.py", "-n", "200"], 120, output="json")],
+        [Bench("commands", ["bench/bench_commands.py", "-n", "100"], 300, output="json")],
+        [Bench("fly-client", ["bench/bench_fly_client.py", "-n", "3000"], 300, output="text")],
     ]
 
 
@@ -103,10 +109,13 @@ def run_group(group: list[Bench], env: dict[str, str]) -> dict[str, dict[str, ob
 
 
 def save_printed(bench: Bench) -> bool:
-    """For a benchmark that prints its JSON: keep it as its results file if it parses."""
-    if not bench.prints_result:
-        return True
+    """For a benchmark that prints its result: keep it in bench/results (JSON if it parses)."""
     text = (LOGS / f"{bench.name}.out").read_text()
+    if bench.output == "text":
+        (RESULTS / f"{bench.name}.txt").write_text(text)
+        return True
+    if bench.output != "json":
+        return True
     start = text.rfind("\n{\n") + 1  # the printed document; any log lines come before it
     try:
         result, _ = json.JSONDecoder().raw_decode(text, start)

@@ -121,6 +121,7 @@ class Outcome:
     duration_s: float
     steps: dict[str, int]
     states: dict[str, int]
+    commands: dict[str, int]  # sandbox_commands by status (reported, not audited)
     audit: Audit
     lost_sessions: int  # wanted at the end, but neither ready nor failed with a reason
     leaked_machine_s: float
@@ -135,6 +136,7 @@ class Outcome:
             "duration_s": round(self.duration_s, 1),
             "steps": self.steps,
             "states": self.states,
+            "commands": self.commands,
             "audit": self.audit.counts(),
             "lost_sessions": self.lost_sessions,
             "leaked_machine_s": round(self.leaked_machine_s, 1),
@@ -361,6 +363,12 @@ def outcome(
     windows = wanted_windows(ledger, by_id, now)
     total, leaked = leaked_seconds(machines, windows, now)
     unwanted = unwanted_running(machines, windows, now)
+    commands = {
+        str(r["status"]): int(r["n"])
+        for r in rows(
+            stack.info.db_url, "select status, count(*) as n from sandbox_commands group by 1"
+        )
+    }
     fly = stack.stack.fly
     assert fly is not None
     calls = {f"{op} {st}": n for (op, st), n in sorted(fly.call_counts().items())}
@@ -369,6 +377,7 @@ def outcome(
         duration_s=duration_s,
         steps={**done, "commands_queued": ledger.commands},
         states=dict(sorted(states.items())),
+        commands=commands,
         audit=final,
         lost_sessions=lost,
         leaked_machine_s=leaked,

@@ -318,9 +318,11 @@ def render(results: dict[str, Json]) -> str:
     ]
     for name, rows_of in SECTIONS.items():
         status = run.get("benches", {}).get(name, {})
-        if name not in results or status.get("status") == "failed":
-            log = status.get("log", "-")
-            lines.append(f"| {name} | - | failed or not run (log: `{log}`) | **missed** |")
+        if status.get("status") == "failed":
+            lines.append(f"| {name} | - | failed (log: `{status.get('log')}`) | **missed** |")
+            continue
+        if name not in results:
+            lines.append(f"| {name} | - | not run | n/a |")
             continue
         for what, target, result, met in rows_of(results[name]):
             lines.append(f"| {what} | {target} | {result} | {met} |")

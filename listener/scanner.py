@@ -14,6 +14,8 @@ from listener.models import SandboxState, Session
 
 log = structlog.get_logger(component="scanner")
 
+FULL_RESCAN_S = 0.5  # after a full batch more rows are likely due: look again soon
+
 
 class DueRows(Protocol):
     """What the scanner needs from the store (SandboxStore satisfies it)."""
@@ -48,6 +50,7 @@ class Scanner:
         self._capacity = capacity
         self._release = release
         self._stop = asyncio.Event()
+        self.more_due = False  # the last scan stopped for lack of room, not of due rows
         self._metrics = metrics or Metrics()
         self._wake = asyncio.Event()
         self.scans = 0
@@ -60,6 +63,7 @@ class Scanner:
         """Claim what is due, up to free capacity, and queue pending commands; return the
         number of rows claimed."""
         claimed = 0
+        self.more_due = False
         while (room := self._capacity - self._dispatcher.backlog) > 0:
             rows = await self._store.claim_due(self._lease_s, room)
             if self._stop.is_set():  # stop came while claiming: nobody will work on these
@@ -74,6 +78,8 @@ class Scanner:
             claimed += len(rows)
             if len(rows) < room:
                 break
+        else:
+            self.more_due = True
         for session_id in await self._store.sessions_with_pending_commands():
             self._dispatcher.submit_commands(session_id)
         self.scans += 1
@@ -92,8 +98,9 @@ class Scanner:
             async with asyncio.TaskGroup() as tg:
                 woken = tg.create_task(self._wake.wait())
                 stopped = tg.create_task(stop.wait())
+                pause = FULL_RESCAN_S if self.more_due else self._interval_s
                 await asyncio.wait(
-                    {woken, stopped}, timeout=self._interval_s, return_when=asyncio.FIRST_COMPLETED
+                    {woken, stopped}, timeout=pause, return_when=asyncio.FIRST_COMPLETED
                 )
                 woken.cancel()
                 stopped.cancel()

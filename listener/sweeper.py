@@ -100,8 +100,9 @@ class Sweeper:
             return SweepReport(leader=False)
         machines = await self.fly.list_machines(metadata={"managed_by": MANAGED_BY})
         ids = sorted({m.session_id for m in machines if m.session_id and _is_uuid(m.session_id)})
-        sessions = await self.store.sessions_by_ids(ids)
         live = await self.store.live_sessions()
+        sessions = {s.id: s for s in live}  # the rest (final or missing rows) by id
+        sessions |= await self.store.sessions_by_ids([i for i in ids if i not in sessions])
         actions = reconcile(machines, sessions, live, self.clock(), self.policy)
         applied = 0
         if not dry_run:

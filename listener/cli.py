@@ -13,6 +13,9 @@ from pathlib import Path
 
 from listener import __version__
 
+DEFAULT_API_PORT = 54321  # what `supabase start` uses
+DEFAULT_FLY_PORT = 54329
+
 EPILOG = """\
 examples:
   sandbox-listener dev                      local stack + listener; shows sessions as they change
@@ -119,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the Fly Machines emulator",
         description="Serve the Fly Machines API emulator on 127.0.0.1 until Ctrl-C.",
     )
-    fly.add_argument("--port", type=int, default=54329, help="port (default: %(default)s)")
+    fly.add_argument(
+        "--port", type=int, default=DEFAULT_FLY_PORT, help="port (default: %(default)s)"
+    )
     fly.add_argument("--token", default=None, help="bearer token it accepts (default: random)")
     fly.add_argument("--app", default="sandbox-local", help="app name (default: %(default)s)")
     return parser
@@ -132,9 +137,13 @@ def _add_stack_options(cmd: argparse.ArgumentParser) -> None:
         type=Path,
         help="keep the database here between runs (default: a temporary dir removed on exit)",
     )
-    cmd.add_argument("--port", type=int, default=54321, help="API port (default: %(default)s)")
+    cmd.add_argument(
+        "--port", type=int, default=DEFAULT_API_PORT, help="API port (default: %(default)s)"
+    )
     cmd.add_argument("--db-port", type=int, default=None, help="Postgres port (default: any free)")
-    cmd.add_argument("--fly-port", type=int, default=54329, help="Fly port (default: %(default)s)")
+    cmd.add_argument(
+        "--fly-port", type=int, default=DEFAULT_FLY_PORT, help="Fly port (default: %(default)s)"
+    )
 
 
 def _add_env_file(cmd: argparse.ArgumentParser) -> None:

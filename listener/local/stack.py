@@ -28,8 +28,6 @@ from listener.server import AsgiServer, bind_socket, port_in_use
 log = structlog.get_logger(component="stack")
 
 T = TypeVar("T")
-DEFAULT_API_PORT = 54321  # what `supabase start` uses
-DEFAULT_FLY_PORT = 54329
 DEV_USER_EMAIL = "dev@example.com"
 SECRETS_FILE = "stack-secrets.json"
 

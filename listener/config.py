@@ -11,8 +11,8 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,6 +20,12 @@ from listener.errors import ConfigError
 
 CpuKind = Literal["shared", "performance"]
 ALLOWED_CPUS = (1, 2, 4, 8, 16)
+MB_PER_CPU = {"shared": 2048, "performance": 8192}  # Fly: the most memory each CPU kind may have
+
+
+def memory_per_cpu_mb(cpu_kind: str) -> int:
+    """The most memory Fly allows per CPU of this kind."""
+    return MB_PER_CPU.get(cpu_kind, MB_PER_CPU["shared"])
 
 
 class Settings(BaseSettings):
@@ -156,32 +162,55 @@ class Settings(BaseSettings):
             raise ValueError("must be a multiple of 256")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        """Settings that are valid alone but contradict each other (checked once fields pass)."""
-        problems = []
-        if self.sandbox_cpus not in ALLOWED_CPUS or self.sandbox_max_cpus not in ALLOWED_CPUS:
-            problems.append(f"SANDBOX_CPUS and SANDBOX_MAX_CPUS must be one of {ALLOWED_CPUS}")
-        if self.sandbox_cpus > self.sandbox_max_cpus:
-            problems.append("SANDBOX_CPUS must not exceed SANDBOX_MAX_CPUS")
-        per_cpu = 2048 if self.sandbox_cpu_kind == "shared" else 8192
-        if self.sandbox_memory_mb > min(self.sandbox_max_memory_mb, per_cpu * self.sandbox_cpus):
-            problems.append(
-                "SANDBOX_MEMORY_MB must not exceed SANDBOX_MAX_MEMORY_MB nor "
-                f"{per_cpu} MB per {self.sandbox_cpu_kind} CPU"
+    @field_validator("sandbox_cpus", "sandbox_max_cpus")
+    @classmethod
+    def _allowed_cpus(cls, value: int) -> int:
+        if value not in ALLOWED_CPUS:
+            raise ValueError(f"must be one of {', '.join(map(str, ALLOWED_CPUS))}")
+        return value
+
+    # Cross-field checks are field validators on the later field (fields validate in order,
+    # `info.data` holds the earlier ones that passed), so a bad SUPABASE_URL never hides them.
+
+    @field_validator("sandbox_max_cpus")
+    @classmethod
+    def _cpus_within_max(cls, value: int, info: ValidationInfo) -> int:
+        cpus = info.data.get("sandbox_cpus")
+        if cpus is not None and cpus > value:
+            raise ValueError("must not be less than SANDBOX_CPUS")
+        return value
+
+    @field_validator("sandbox_max_memory_mb")
+    @classmethod
+    def _memory_within_max(cls, value: int, info: ValidationInfo) -> int:
+        memory, cpus = info.data.get("sandbox_memory_mb"), info.data.get("sandbox_cpus")
+        kind = info.data.get("sandbox_cpu_kind")
+        if memory is None or cpus is None or kind is None:
+            return value  # their own errors are reported
+        per_cpu = memory_per_cpu_mb(kind)
+        if memory > min(value, per_cpu * cpus):
+            raise ValueError(
+                f"SANDBOX_MEMORY_MB ({memory}) must not exceed SANDBOX_MAX_MEMORY_MB nor "
+                f"{per_cpu} MB per {kind} CPU"
             )
-        if (
-            self.sandbox_idle_warning_s
-            and self.sandbox_idle_warning_s >= self.sandbox_idle_timeout_s
-        ):
-            problems.append("SANDBOX_IDLE_WARNING_S must be shorter than SANDBOX_IDLE_TIMEOUT_S")
+        return value
+
+    @field_validator("sandbox_idle_warning_s")
+    @classmethod
+    def _warning_before_timeout(cls, value: int, info: ValidationInfo) -> int:
+        timeout = info.data.get("sandbox_idle_timeout_s")
+        if value and timeout is not None and value >= timeout:
+            raise ValueError("must be shorter than SANDBOX_IDLE_TIMEOUT_S")
+        return value
+
+    @field_validator("sandbox_smoke_command")
+    @classmethod
+    def _parsable_command(cls, value: str) -> str:
         try:
-            shlex.split(self.sandbox_smoke_command)
+            shlex.split(value)
         except ValueError as exc:
-            problems.append(f"SANDBOX_SMOKE_COMMAND cannot be parsed as a command line: {exc}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+            raise ValueError(f"cannot be parsed as a command line: {exc}") from None
+        return value
 
     @property
     def http_port(self) -> int | None:
@@ -235,4 +264,5 @@ def _describe(err: Mapping[str, object]) -> str:
     name = str(loc[0]).upper() if isinstance(loc, tuple) else str(loc).upper()
     if err.get("type") == "missing":
         return f"{name}: required but not set"
-    return f"{name}: {err.get('msg')}"
+    message = str(err.get("msg")).removeprefix("Value error, ")
+    return f"{name}: {message}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
 
-from listener.config import ALLOWED_CPUS, Settings
+from listener.config import ALLOWED_CPUS, Settings, memory_per_cpu_mb
 from listener.errors import (
     FlyCapacityError,
     FlyClientError,
@@ -36,8 +36,6 @@ from listener.models import (
     StopReason,
 )
 
-SHARED_MB_PER_CPU = 2048  # Fly: shared CPUs take 256..2048 MB each
-PERFORMANCE_MB_PER_CPU = 8192
 CLOCK_SKEW_S = 2.0
 
 
@@ -178,7 +176,7 @@ def machine_spec(session: Session, policy: Policy) -> MachineSpec | str:
     if cpus not in allowed_cpus:
         problems.append(f"cpus {cpus} is not one of {', '.join(map(str, allowed_cpus))}")
     memory_mb = session.requested_memory_mb or policy.memory_mb
-    per_cpu = SHARED_MB_PER_CPU if policy.cpu_kind == "shared" else PERFORMANCE_MB_PER_CPU
+    per_cpu = memory_per_cpu_mb(policy.cpu_kind)
     ceiling = min(policy.max_memory_mb, per_cpu * max(cpus, 1))
     if memory_mb < 256 or memory_mb % 256 or memory_mb > ceiling:
         problems.append(

@@ -117,8 +117,8 @@ def test_empty_secrets_are_refused() -> None:
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
-        ({"SANDBOX_CPUS": "3"}, "SANDBOX_CPUS and SANDBOX_MAX_CPUS must be one of"),
-        ({"SANDBOX_CPUS": "8", "SANDBOX_MAX_CPUS": "4"}, "must not exceed SANDBOX_MAX_CPUS"),
+        ({"SANDBOX_CPUS": "3"}, "SANDBOX_CPUS: must be one of 1, 2, 4, 8, 16"),
+        ({"SANDBOX_CPUS": "8", "SANDBOX_MAX_CPUS": "4"}, "must not be less than SANDBOX_CPUS"),
         ({"SANDBOX_MEMORY_MB": "4096"}, "2048 MB per shared CPU"),
         ({"SANDBOX_IDLE_TIMEOUT_S": "60", "SANDBOX_IDLE_WARNING_S": "60"}, "must be shorter"),
         ({"SANDBOX_SMOKE_COMMAND": "echo 'unclosed"}, "cannot be parsed as a command line"),
@@ -130,3 +130,31 @@ def test_settings_that_contradict_each_other_are_refused(
     with pytest.raises(ConfigError) as info:
         Settings.from_env({**GOOD, **env})
     assert fragment in str(info.value)
+
+
+def test_a_bad_url_does_not_hide_the_cross_field_problems() -> None:
+    env = {
+        **GOOD,
+        "SUPABASE_URL": "not a url",
+        "SANDBOX_CPUS": "3",
+        "SANDBOX_MEMORY_MB": "8192",
+        "SANDBOX_IDLE_TIMEOUT_S": "60",
+        "SANDBOX_IDLE_WARNING_S": "60",
+    }
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    names = {problem.split(":", 1)[0] for problem in info.value.problems}
+    assert names == {
+        "SUPABASE_URL",
+        "SANDBOX_CPUS",
+        "SANDBOX_IDLE_WARNING_S",
+    }, info.value.problems
+
+
+def test_memory_over_the_per_cpu_ceiling_is_named_with_the_url_problem() -> None:
+    env = {**GOOD, "SUPABASE_URL": "nope", "SANDBOX_MEMORY_MB": "4096"}
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    text = str(info.value)
+    assert "SUPABASE_URL" in text
+    assert "SANDBOX_MEMORY_MB (4096) must not exceed" in text and "2048 MB per shared CPU" in text

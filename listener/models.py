@@ -84,12 +84,14 @@ class Machine:
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
-    """What a command run through Fly's exec API returned (HTTP 200 is not success)."""
+    """A command's result from Fly exec (HTTP 200 is not success); whether each output was cut."""
 
     exit_code: int
     stdout: str = ""
     stderr: str = ""
     exit_signal: int | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def ok(self) -> bool:

@@ -40,6 +40,7 @@ from listener.errors import (
     FlyUnavailableError,
     is_retryable,
 )
+from listener.exec_stream import ExecScanner, ExecStreamError
 from listener.models import ExecResult, Lease, Machine, MachineState
 from listener.ratelimit import Rate, RateLimiter
 
@@ -59,6 +60,11 @@ TIMEOUT_MARGIN_S = 15.0  # HTTP read timeout beyond a server-side wait or exec t
 DEFAULT_BACKOFF = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.5)  # 0.2 s doubling
 WAIT_MIN_S, WAIT_MAX_S = 1, 60  # what Fly's wait endpoint accepts
 ERROR_TEXT_LIMIT = 200
+EXEC_OUTPUT_LIMIT_BYTES = 65536  # per stream, as SANDBOX_COMMAND_OUTPUT_LIMIT_BYTES defaults
+# Past this an exec answer is not read on. flyd marshals the whole answer in memory before it
+# sends it, and JSON escaping at most sextuples output (\u0000), so a real answer this big would
+# mean ~170 MB of control bytes or ~1 GB of text; reading it costs ~5 s of CPU at our parse rate.
+EXEC_BODY_LIMIT_BYTES = 1 << 30
 WAITABLE = frozenset(
     {
         MachineState.STARTED,
@@ -336,17 +342,9 @@ class _AppWire(_Wire):
         return FlyApp(self.name, self.status or "", org or "", self.machine_count)
 
 
-class _ExecWire(_Wire):
-    exit_code: int
-    exit_signal: int | None = None
-    stdout: str | None = None
-    stderr: str | None = None
-
-
 _MACHINE = TypeAdapter(_MachineWire)
 _MACHINES = TypeAdapter(list[_MachineWire])
 _LEASE: TypeAdapter[_LeaseEnvelope | _LeaseWire] = TypeAdapter(_LeaseEnvelope | _LeaseWire)
-_EXEC_RESULT = TypeAdapter(_ExecWire)
 _APP = TypeAdapter(_AppWire)
 _METADATA = TypeAdapter(dict[str, str])
 
@@ -368,11 +366,16 @@ def _decode(adapter: TypeAdapter[T], response: httpx.Response, op: _Op) -> T:
             for e in exc.errors(include_input=False)[:3]
         )
         # `from None`: the validation error quotes the body, which may hold machine env values.
-        raise FlyUnavailableError(
-            f"{op.name}: unparseable response from Fly ({problems})",
-            status=response.status_code,
-            request_id=response.headers.get(REQUEST_ID_HEADER),
-        ) from None
+        raise _unusable(response, op, f"unparseable response from Fly ({problems})") from None
+
+
+def _unusable(response: httpx.Response, op: _Op, problem: str) -> FlyUnavailableError:
+    """A 2xx answer the listener cannot use."""
+    return FlyUnavailableError(
+        f"{op.name}: {problem}",
+        status=response.status_code,
+        request_id=response.headers.get(REQUEST_ID_HEADER),
+    )
 
 
 class FlyClient:
@@ -391,6 +394,7 @@ class FlyClient:
         max_retry_time_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        exec_body_limit_bytes: int = EXEC_BODY_LIMIT_BYTES,
     ) -> None:
         if max_attempts < 1 or max_retry_time_s <= 0:
             raise ValueError("max_attempts must be >= 1 and max_retry_time_s > 0")
@@ -406,6 +410,7 @@ class FlyClient:
         self._max_retry_time_s = max_retry_time_s
         self._clock = clock
         self._metrics = metrics
+        self._exec_body_limit_bytes = exec_body_limit_bytes
 
     @classmethod
     def from_settings(
@@ -586,19 +591,29 @@ class FlyClient:
             return
 
     async def exec(
-        self, machine_id: str, argv: Sequence[str], *, stdin: str | None = None, timeout_s: int
+        self,
+        machine_id: str,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout_s: int,
+        output_limit_bytes: int = EXEC_OUTPUT_LIMIT_BYTES,
     ) -> ExecResult:
         """Run argv in the machine; a non-zero exit is a result, not an error.
 
-        Retried only when never sent or on 429, since a command need not be idempotent.
+        The answer is parsed as it streams in: stdout and stderr each keep at most
+        `output_limit_bytes` of UTF-8 (whole characters; `*_truncated` says what was cut), the
+        rest is dropped unheld, and an answer past the client's `exec_body_limit_bytes` is a
+        FlyUnavailableError. Retried only when never sent or on 429, since a command need not
+        be idempotent.
         """
         body: dict[str, object] = {"command": list(argv), "timeout": timeout_s}
         if stdin is not None:
             body["stdin"] = stdin
         timeout = timeout_s + TIMEOUT_MARGIN_S
-        response = await self._send(_EXEC, machine_id, json=body, read_timeout_s=timeout)
-        wire = _decode(_EXEC_RESULT, response, _EXEC)
-        return ExecResult(wire.exit_code, wire.stdout or "", wire.stderr or "", wire.exit_signal)
+        scanner = ExecScanner(output_limit_bytes, self._exec_body_limit_bytes)
+        await self._send(_EXEC, machine_id, json=body, read_timeout_s=timeout, scanner=scanner)
+        return scanner.result()
 
     # Leases
 
@@ -682,13 +697,20 @@ class FlyClient:
         nonce: str | None = None,
         read_timeout_s: float = REQUEST_TIMEOUT_S,
         budget_s: float | None = None,
+        scanner: ExecScanner | None = None,
     ) -> httpx.Response:
-        """Send `op` under its retry policy and the rate limiter: a 2xx response or a FlyError."""
+        """Send `op` under its retry policy and the rate limiter: a 2xx response or a FlyError.
+
+        With `scanner`, a 2xx body is asked for uncompressed (one chunk in memory is one network
+        read) and fed to it as it arrives, not kept in the response.
+        """
         path = op.path.format(id=quote(machine_id or "", safe=""), key=quote(key, safe=""))
         url = self._app_url + path
         headers = {"Authorization": self._authorization.get_secret_value()}
         if nonce:
             headers[LEASE_NONCE_HEADER] = nonce
+        if scanner is not None:
+            headers["Accept-Encoding"] = "identity"
         timeout = httpx.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S)
         query = tuple(params)
         attempts = itertools.count(1)
@@ -699,10 +721,18 @@ class FlyClient:
             started = time.perf_counter()
             status: int | None = None
             try:
-                response = await self._http.request(
+                request = self._http.build_request(
                     op.method, url, params=query, json=json, headers=headers, timeout=timeout
                 )
-                status = response.status_code
+                response = await self._http.send(request, stream=True)
+                try:
+                    status = response.status_code
+                    if scanner is not None and response.is_success:
+                        await _scan(response, scanner, op)
+                    else:
+                        await response.aread()
+                finally:
+                    await response.aclose()
             except httpx.HTTPError as exc:
                 raise to_fly_error(exc, operation=op.name) from exc
             finally:
@@ -774,6 +804,16 @@ def _reached(response: httpx.Response, wanted: frozenset[MachineState]) -> Machi
         state = MachineState.parse(named)
         return state if state in wanted else None
     return next(iter(wanted)) if len(wanted) == 1 else None
+
+
+async def _scan(response: httpx.Response, scanner: ExecScanner, op: _Op) -> None:
+    """Feed a streamed body to `scanner`; what it cannot use is FlyUnavailableError."""
+    try:
+        async for chunk in response.aiter_bytes():
+            scanner.feed(chunk)
+        scanner.close()
+    except ExecStreamError as exc:
+        raise _unusable(response, op, str(exc)) from None  # the message never quotes the body
 
 
 def _lease(response: httpx.Response, op: _Op) -> Lease:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -428,6 +430,147 @@ async def test_from_settings_uses_endpoint_app_token_attempts_and_rates(
     assert start.calls.last.request.headers["authorization"] == f"Bearer {TOKEN}"
     assert waited_s >= 0.04
     assert get.call_count == 1  # FLY_MAX_ATTEMPTS=1
+
+
+# Exec answers, read as a stream
+
+
+def streamed(
+    parts: Iterable[bytes], status: int = 200, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """A response whose body is produced part by part, as the server writes it."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    return httpx.Response(status, content=body(), headers=headers)
+
+
+async def test_exec_reads_an_answer_arriving_in_pieces_and_asks_for_it_uncompressed(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    body = '{"stderr":"\\ud83d\\ude00 é\\u0000","exit_signal":null,"stdout":"ok\\n","exit_code":0}'
+    raw = body.encode()
+    route = router.post("/m1/exec").mock(
+        return_value=streamed(raw[i : i + 3] for i in range(0, len(raw), 3))
+    )
+    result = await fly.exec("m1", ["true"], timeout_s=5)
+    assert result == ExecResult(0, "ok\n", "😀 é\u0000")
+    assert route.calls.last.request.headers["accept-encoding"] == "identity"
+
+
+async def test_exec_keeps_64_kib_of_each_output_by_default_and_flags_the_cut(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.post("/m1/exec").mock(
+        return_value=ok({"exit_code": 1, "stdout": "é" * 40_000, "stderr": "short"})
+    )
+    result = await fly.exec("m1", ["cat", "big"], timeout_s=5)
+    assert (result.stdout, result.stdout_truncated) == ("é" * 32_768, True)
+    assert (result.stderr, result.stderr_truncated) == ("short", False)
+    assert result.exit_code == 1
+
+
+async def test_exec_keeps_what_output_limit_bytes_says(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.post("/m1/exec").mock(return_value=ok({"exit_code": 0, "stdout": "abc", "stderr": "de"}))
+    result = await fly.exec("m1", ["true"], timeout_s=5, output_limit_bytes=2)
+    assert result == ExecResult(0, "ab", "de", stdout_truncated=True)
+
+
+async def test_exec_finds_the_exit_code_after_a_huge_stdout_without_holding_it(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    piece = b"x" * 1023 + b"\\n" * 512 + b"y"  # 2 KiB on the wire, 1,536 characters
+    count = 16_000  # 32 MB
+    parts = itertools.chain(
+        [b'{"stdout":"'], itertools.repeat(piece, count), [b'","exit_code":3,"exit_signal":9}']
+    )
+    router.post("/m1/exec").mock(return_value=streamed(parts))
+    tracemalloc.start()
+    try:
+        result = await fly.exec("m1", ["yes"], timeout_s=5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (result.exit_code, result.exit_signal, result.stdout_truncated) == (3, 9, True)
+    assert result.stdout == (("x" * 1023 + "\n" * 512 + "y") * 43)[:65536]
+    assert peak < 2_000_000, f"held {peak} bytes of a {count * len(piece)}-byte answer"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>502 Bad Gateway</html>", b'{"stdout":"hi"}', b'{"exit_code":0', b'{"exit_code":"0"}'],
+    ids=["html", "no-exit-code", "cut-short", "exit-code-a-string"],
+)
+async def test_exec_unparseable_answer_is_a_typed_error_and_not_retried(
+    fly: FlyClient, router: respx.MockRouter, body: bytes
+) -> None:
+    route = router.post("/m1/exec").mock(
+        return_value=httpx.Response(200, content=body, headers={"fly-request-id": "r7"})
+    )
+    with pytest.raises(FlyUnavailableError, match="exec: unparseable response from Fly") as info:
+        await fly.exec("m1", ["true"], timeout_s=5)
+    assert (info.value.status, info.value.request_id) == (200, "r7")
+    assert info.value.__cause__ is None
+    assert route.call_count == 1
+
+
+async def test_exec_answer_over_the_ceiling_stops_reading_with_a_typed_error(
+    http: httpx.AsyncClient, router: respx.MockRouter
+) -> None:
+    fly = FlyClient(
+        http,
+        base_url=BASE,
+        app_name=APP,
+        token=TOKEN,
+        limiter=RateLimiter(UNLIMITED),
+        exec_body_limit_bytes=1_000_000,
+    )
+    sent: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        yield b'{"exit_code":0,"stdout":"'
+        for n in itertools.count():
+            sent.append(n)
+            yield b"x" * 65536
+
+    route = router.post("/m1/exec").mock(return_value=streamed(endless()))
+    with pytest.raises(FlyUnavailableError, match="over the 1000000-byte ceiling; reading stopped"):
+        await fly.exec("m1", ["yes"], timeout_s=5)
+    assert len(sent) == 16  # 16 x 64 KiB passes 1 MB: not a chunk more was asked for
+    assert route.call_count == 1
+
+
+async def test_exec_connection_lost_mid_answer_is_unavailable_and_not_retried(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    def dropped() -> Iterator[bytes]:
+        yield b'{"exit_code":0,"stdout":"par'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+    route = router.post("/m1/exec").mock(return_value=streamed(dropped()))
+    with pytest.raises(FlyUnavailableError, match="Fly unreachable") as info:
+        await fly.exec("m1", ["true"], timeout_s=5)
+    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(404, FlyNotFoundError), (408, FlyTimeoutError), (412, FlyConflictError)],
+)
+async def test_exec_error_answers_keep_their_type_and_fly_message(
+    fly: FlyClient, router: respx.MockRouter, status: int, error: type[FlyError]
+) -> None:
+    router.post("/m1/exec").mock(
+        return_value=streamed([b'{"error":"deadline', b'_exceeded"}'], status=status)
+    )
+    with pytest.raises(error, match="exec: deadline_exceeded") as info:
+        await fly.exec("m1", ["sleep", "60"], timeout_s=5)
+    assert info.value.status == status
 
 
 # Errors

@@ -7,13 +7,22 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import core_schema
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -280,24 +289,38 @@ _SET_METADATA = _Op("set_metadata", "POST", "/machines/{id}/metadata/{key}", "me
 _DELETE_METADATA = _Op("delete_metadata", "DELETE", "/machines/{id}/metadata/{key}", "metadata")
 
 
+class _OrNone:
+    """Wire-field annotation: a value of the wrong type or shape reads as None, in pydantic-core."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_default_schema(handler(source), default=None, on_error="default")
+
+
+_Text = Annotated[str | None, _OrNone]
+_Strings = dict[str, _Text]  # Fly's string maps; a value of another type reads as None
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class _ConfigWire(_Wire):
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[_Strings | None, _OrNone] = None
 
 
 class _MachineWire(_Wire):
-    id: str = Field(min_length=1)
-    state: str | None = None
-    region: str | None = None
-    instance_id: str | None = None
-    name: str | None = None
-    config: _ConfigWire | None = None
-    created_at: str | None = None
-    updated_at: str | None = None
-    nonce: str | None = None
+    id: str = Field(min_length=1)  # the one field a machine cannot do without
+    state: _Text = None
+    region: _Text = None
+    instance_id: _Text = None
+    name: _Text = None
+    config: Annotated[_ConfigWire | None, _OrNone] = None
+    created_at: _Text = None
+    updated_at: _Text = None
+    nonce: _Text = None
 
     def model(self) -> Machine:
         return Machine(
@@ -306,7 +329,7 @@ class _MachineWire(_Wire):
             region=self.region or "",
             instance_id=self.instance_id or "",
             name=self.name or "",
-            metadata=dict((self.config.metadata if self.config else None) or {}),
+            metadata=_strings(self.config.metadata if self.config else None),
             created_at=_timestamp(self.created_at),
             updated_at=_timestamp(self.updated_at),
             nonce=self.nonce or None,
@@ -316,8 +339,8 @@ class _MachineWire(_Wire):
 class _LeaseWire(_Wire):
     nonce: str = Field(min_length=1)
     expires_at: int
-    owner: str | None = None
-    description: str | None = None
+    owner: _Text = None
+    description: _Text = None
 
     def model(self) -> Lease:
         return Lease(self.nonce, self.expires_at, self.owner or "", self.description or "")
@@ -328,14 +351,14 @@ class _LeaseEnvelope(_Wire):
 
 
 class _OrganizationWire(_Wire):
-    slug: str | None = None
+    slug: _Text = None
 
 
 class _AppWire(_Wire):
     name: str = Field(min_length=1)
-    status: str | None = None
-    organization: _OrganizationWire | None = None
-    machine_count: int | None = None
+    status: _Text = None
+    organization: Annotated[_OrganizationWire | None, _OrNone] = None
+    machine_count: Annotated[int | None, _OrNone] = None
 
     def model(self) -> FlyApp:
         org = self.organization.slug if self.organization else None
@@ -343,17 +366,33 @@ class _AppWire(_Wire):
 
 
 _MACHINE = TypeAdapter(_MachineWire)
-_MACHINES = TypeAdapter(list[_MachineWire])
+# A machine without a usable id comes through raw, to be skipped, not to fail the whole list.
+_MACHINES = TypeAdapter(list[Annotated[_MachineWire | Any, Field(union_mode="left_to_right")]])
 _LEASE: TypeAdapter[_LeaseEnvelope | _LeaseWire] = TypeAdapter(_LeaseEnvelope | _LeaseWire)
 _APP = TypeAdapter(_AppWire)
-_METADATA = TypeAdapter(dict[str, str])
+_METADATA = TypeAdapter(_Strings)
 
 
 def _timestamp(value: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value) if value else None
-    except ValueError:
+    """An RFC 3339 time in UTC (no offset: taken as UTC); None if unreadable or out of range."""
+    if not value:
         return None
+    try:
+        parsed = datetime.fromisoformat(value)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: in range only before the offset
+        return None
+
+
+def _strings(mapping: Mapping[str, str | None] | None) -> dict[str, str]:
+    """A wire string map without the values that were not strings."""
+    return {key: value for key, value in (mapping or {}).items() if value is not None}
+
+
+def _raw_id(item: object) -> str | None:
+    """The id of a machine that did not parse, if it has one, for the log."""
+    raw = item.get("id") if isinstance(item, dict) else None
+    return None if raw is None else str(raw)[:64]
 
 
 def _decode(adapter: TypeAdapter[T], response: httpx.Response, op: _Op) -> T:
@@ -502,7 +541,13 @@ class FlyClient:
         if summary:
             params.append(("summary", "true"))
         response = await self._send(_LIST, params=params)
-        return [wire.model() for wire in _decode(_MACHINES, response, _LIST)]
+        machines = []
+        for item in _decode(_MACHINES, response, _LIST):
+            if isinstance(item, _MachineWire):
+                machines.append(item.model())
+            else:
+                log.warning("fly_machine_unparseable", machine_id=_raw_id(item))
+        return machines
 
     async def wait_for_state(
         self,
@@ -642,7 +687,7 @@ class FlyClient:
     async def get_metadata(self, machine_id: str) -> dict[str, str]:
         """The machine's metadata map."""
         response = await self._send(_GET_METADATA, machine_id)
-        return _decode(_METADATA, response, _GET_METADATA)
+        return _strings(_decode(_METADATA, response, _GET_METADATA))
 
     async def set_metadata(
         self, machine_id: str, key: str, value: str, *, nonce: str | None = None

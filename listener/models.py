@@ -7,6 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 
 MANAGED_BY = "sandbox-listener"
+MAX_EPOCH = 2**63 - 1  # sandbox_epoch is a Postgres bigint
 
 
 class MachineState(StrEnum):
@@ -79,7 +80,10 @@ class Machine:
     def epoch(self) -> int | None:
         """The claim epoch it was created under, from its metadata."""
         raw = self.metadata.get("epoch")
-        return int(raw) if raw is not None and raw.isdigit() else None
+        if raw is None or not (raw.isascii() and raw.isdigit()):
+            return None  # str.isdigit alone lets "²" through, which int() refuses
+        epoch = int(raw)
+        return epoch if epoch <= MAX_EPOCH else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,12 +37,19 @@ from listener.fly import FLY_GET_RATE, FLY_RATE, FlyApp, FlyClient, machine_conf
 from listener.metrics import Metrics
 from listener.models import ExecResult, Lease, Machine, MachineState
 from listener.ratelimit import Rate, RateLimiter
+from listener.reconciler import Policy, pick_machine, reconcile
 
 BASE = "http://fly.test"
 APP = "sandboxes"
 MACHINES = f"{BASE}/v1/apps/{APP}/machines"
 TOKEN = "fo1_s3cret-token-value-do-not-log"
 UNLIMITED = Rate(1e9, 10**9)
+SETTINGS_ENV = {
+    "SUPABASE_URL": "http://127.0.0.1:54321",
+    "SUPABASE_SERVICE_ROLE_KEY": "service-key",
+    "FLY_API_TOKEN": TOKEN,
+    "FLY_APP_NAME": APP,
+}
 
 
 class FakeClock:
@@ -202,6 +209,130 @@ async def test_get_machine_parses_and_tolerates_unknown_states_and_odd_timestamp
     assert machine.created_at is None
     assert machine.metadata == {}
     assert machine.updated_at == datetime(2024, 5, 1, 12, 0, 5, tzinfo=UTC)
+
+
+def listed(machine_id: str, **over: Any) -> dict[str, Any]:
+    """A machine of a list answer with some fields replaced (None: removed)."""
+    body = machine_json(machine_id, **over)
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def with_metadata(**metadata: Any) -> dict[str, Any]:
+    return {"image": "registry.fly.io/sandbox:1", "metadata": metadata}
+
+
+async def test_one_malformed_field_costs_that_field_not_the_machine_or_the_list(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("").mock(
+        return_value=ok(
+            [
+                listed("good"),
+                listed("year-10000", created_at="10000-01-01T00:00:00Z"),
+                listed("before-year-1-in-utc", created_at="0001-01-01T00:00:00+01:00"),
+                listed("number-time", created_at=1714564800, updated_at=True),
+                listed("no-offset", created_at="2024-05-01T12:00:00"),
+                listed("offset", created_at="2024-05-01T14:00:00.123456789+02:00"),
+                listed("odd-types", state=7, region=["iad"], name={}, nonce=1, instance_id=3),
+                listed("no-region", region=None, instance_id=None, state="teleporting"),
+                listed("config-a-string", config="image=x"),
+                listed("metadata-a-list", config={"metadata": ["session_id", "s1"]}),
+                listed(
+                    "odd-metadata",
+                    config=with_metadata(session_id="s4", epoch=3, n=None, o={"a": 1}),
+                ),
+                listed("huge-epoch", config=with_metadata(epoch="99999999999999999999")),
+                listed("digit-epoch", config=with_metadata(epoch="²")),
+            ]
+        )
+    )
+    machines = {m.id: m for m in await fly.list_machines()}
+    assert len(machines) == 13
+    aware = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert machines["good"].created_at == aware
+    assert machines["year-10000"].created_at is None
+    assert machines["before-year-1-in-utc"].created_at is None
+    assert (machines["number-time"].created_at, machines["number-time"].updated_at) == (None, None)
+    assert machines["no-offset"].created_at == aware
+    assert machines["offset"].created_at == datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    odd = machines["odd-types"]
+    assert (odd.state, odd.region, odd.name, odd.nonce, odd.instance_id) == (
+        MachineState.UNKNOWN,
+        "",
+        "",
+        None,
+        "",
+    )
+    bare = machines["no-region"]
+    assert (bare.state, bare.region, bare.instance_id) == (MachineState.UNKNOWN, "", "")
+    assert machines["config-a-string"].metadata == {}
+    assert machines["metadata-a-list"].metadata == {}
+    assert machines["odd-metadata"].metadata == {"session_id": "s4"}
+    assert machines["odd-metadata"].epoch is None
+    assert machines["huge-epoch"].epoch is None
+    assert machines["digit-epoch"].epoch is None
+    now = datetime(2024, 5, 2, tzinfo=UTC)
+    policy = Policy.from_settings(Settings.from_env(SETTINGS_ENV))
+    reconcile(machines.values(), {}, [], now, policy)  # the sweeper's arithmetic holds up
+    pick_machine(machines.values())
+
+
+async def test_a_machine_without_a_usable_id_is_skipped_and_logged_not_the_list(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("").mock(
+        return_value=ok(
+            [
+                listed("m1"),
+                listed("", state="started"),
+                listed("m2", id=None),
+                listed("m3", id=42),
+                "not a machine",
+                None,
+                listed("m4"),
+            ]
+        )
+    )
+    with capture_logs() as logs:
+        machines = await fly.list_machines()
+    assert [m.id for m in machines] == ["m1", "m4"]
+    skipped = [e for e in logs if e["event"] == "fly_machine_unparseable"]
+    assert [(e["log_level"], e["machine_id"]) for e in skipped] == [
+        ("warning", ""),
+        ("warning", None),
+        ("warning", "42"),
+        ("warning", None),
+        ("warning", None),
+    ]
+
+
+async def test_a_list_answer_that_is_not_a_list_is_still_an_error(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("").mock(return_value=ok({"machines": [machine_json()]}))
+    with pytest.raises(FlyUnavailableError, match="list_machines: unparseable response"):
+        await fly.list_machines()
+
+
+async def test_get_machine_reads_malformed_fields_as_absent(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("/m1").mock(
+        return_value=ok(machine_json(region=5, config={"metadata": {"epoch": 3}}, nonce=[]))
+    )
+    machine = await fly.get_machine("m1")
+    assert (machine.region, machine.metadata, machine.nonce) == ("", {}, None)
+
+
+async def test_get_metadata_drops_values_that_are_not_strings(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    route = router.get("/m1/metadata")
+    route.mock(return_value=ok({"session_id": "s1", "epoch": 3, "x": None}))
+    assert await fly.get_metadata("m1") == {"session_id": "s1"}
+    route.mock(return_value=ok(["session_id"]))
+    with pytest.raises(FlyUnavailableError, match="get_metadata: unparseable response"):
+        await fly.get_metadata("m1")
 
 
 async def test_list_sends_every_filter_as_query_params(
@@ -1047,6 +1178,17 @@ async def test_get_app_reads_the_app_with_the_token(
 
 async def test_get_app_tolerates_a_bare_app(fly: FlyClient, app_router: respx.MockRouter) -> None:
     app_router.get("").mock(return_value=ok({"name": APP}))
+    assert await fly.get_app() == FlyApp(name=APP, status="", organization="")
+
+
+async def test_get_app_reads_malformed_fields_as_absent(
+    fly: FlyClient, app_router: respx.MockRouter
+) -> None:
+    app_router.get("").mock(
+        return_value=ok(
+            {"name": APP, "status": 1, "organization": "personal", "machine_count": "many"}
+        )
+    )
     assert await fly.get_app() == FlyApp(name=APP, status="", organization="")
 
 

@@ -13,8 +13,9 @@ NUMBER_LIMIT_CHARS = 40
 OUTPUTS = frozenset({"stdout", "stderr"})
 _WS = re.compile(r"[ \t\n\r]*")
 _SPECIAL = re.compile(r'["\\\x00-\x1f]')
-# A run of string content, escapes included, matched in C; possessive, so nothing is retained.
-_SKIP = re.compile(r'(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+')
+# A run of string content, escapes included, matched in C: possessive (nothing is retained)
+# and unrolled (plain (escape plain)*), which runs about twice as fast as an alternation.
+_SKIP = re.compile(r'[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+')
 _HEX4 = re.compile(r"[0-9a-fA-F]{4}")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_PREFIX = re.compile(r"-?(?:0|[1-9][0-9]*)?(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")
@@ -41,25 +42,24 @@ class _Text:
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
-        self.parts: list[str] = []
-        self.size = 0
+        self.kept = bytearray()
         self.truncated = False
 
     def add(self, text: str) -> None:
+        """Append `text`, or as many of its characters as fit (then the value is truncated)."""
         if self.truncated or not text:
             return
-        raw = text.encode()
-        room = self.limit_bytes - self.size
+        room = self.limit_bytes - len(self.kept)
+        raw = text[: room + 1].encode()  # enough to tell: a character is at least one byte
         if len(raw) > room:
             while room and (raw[room] & 0xC0) == 0x80:  # back to a character's start
                 room -= 1
-            text, self.truncated = raw[:room].decode(), True
-        self.parts.append(text)
-        self.size += len(raw)
+            raw, self.truncated = raw[:room], True
+        self.kept += raw
 
     @property
     def value(self) -> str:
-        return "".join(self.parts)
+        return self.kept.decode()
 
 
 Value = _Text | int | float | bool | None

@@ -70,9 +70,9 @@ DEFAULT_BACKOFF = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.5
 WAIT_MIN_S, WAIT_MAX_S = 1, 60  # what Fly's wait endpoint accepts
 ERROR_TEXT_LIMIT = 200
 EXEC_OUTPUT_LIMIT_BYTES = 65536  # per stream, as SANDBOX_COMMAND_OUTPUT_LIMIT_BYTES defaults
-# Past this an exec answer is not read on. flyd marshals the whole answer in memory before it
-# sends it, and JSON escaping at most sextuples output (\u0000), so a real answer this big would
-# mean ~170 MB of control bytes or ~1 GB of text; reading it costs ~5 s of CPU at our parse rate.
+# Past this an exec answer is not read on (Fly documents no output limit). A 150 MB print fits
+# even if JSON escaped every byte as \u0000 (6x); more means a misbehaving server. Memory stays
+# bounded anyway: the ceiling bounds the time, about 7 s of one core at the benched 160 MB/s.
 EXEC_BODY_LIMIT_BYTES = 1 << 30
 WAITABLE = frozenset(
     {

@@ -144,11 +144,7 @@ class ExecScanner:
     # States: each consumes one token and returns True, or False when it needs more input.
 
     def _open(self) -> bool:
-        if (char := self._peek()) is None:
-            return False
-        self._expect(char, "{", "the answer to open an object")
-        self._state = self._first_key
-        return True
+        return self._punctuation("{", "the answer to open an object", self._first_key)
 
     def _first_key(self) -> bool:
         if (char := self._peek()) is None:
@@ -178,11 +174,7 @@ class ExecScanner:
         return True
 
     def _colon(self) -> bool:
-        if (char := self._peek()) is None:
-            return False
-        self._expect(char, ":", "':' after a key")
-        self._state = self._value
-        return True
+        return self._punctuation(":", "':' after a key", self._value)
 
     def _value(self) -> bool:
         if (char := self._peek()) is None:
@@ -227,6 +219,14 @@ class ExecScanner:
         assert match is not None  # `*` always matches
         self._pos = match.end()
         return self._buf[self._pos] if self._pos < len(self._buf) else None
+
+    def _punctuation(self, wanted: str, what: str, then: Callable[[], bool]) -> bool:
+        """The state that takes `wanted` (or fails, naming `what`) and moves on to `then`."""
+        if (char := self._peek()) is None:
+            return False
+        self._expect(char, wanted, what)
+        self._state = then
+        return True
 
     def _expect(self, char: str, wanted: str, what: str) -> None:
         if char != wanted:

@@ -206,6 +206,31 @@ def memory_rows(r: Json) -> list[Row]:
     ]
 
 
+def exec_output_rows(r: Json) -> list[Row]:
+    s, run = r["settings"], r["streamed"]
+    small, drain = r["streamed_at_1_percent_of_the_size"], r["httpx_drain_only"]
+    whole = r.get("whole_read_json_loads")
+    before = f"; read whole, as before: +{whole['peak_growth_kb'] / 1024:.0f} MB" if whole else ""
+    return [
+        (
+            f"10.3 exec answer with a {s['stdout_mb']:g} MB stdout, "
+            f"{s['output_limit_bytes']:,}-byte limit: listener peak RSS growth",
+            f"< {r['target_growth_kb']:g} KiB (2x the limit)",
+            f"+{run['peak_growth_kb']} KiB (samples {r['streamed_growth_kb_samples']}; at 1% of "
+            f"the size +{small['peak_growth_kb']} KiB; httpx reading it alone "
+            f"+{drain['peak_growth_kb']} KiB{before}); exit code {run['exit_code']} read "
+            f"after it, stdout cut: {run['stdout_truncated']}",
+            verdict(r["met"]),
+        ),
+        (
+            "10.3 the same: throughput of FlyClient.exec",
+            "-",
+            f"{run['throughput_mb_s']:g} MB/s (samples {r['streamed_throughput_mb_s_samples']})",
+            "n/a",
+        ),
+    ]
+
+
 def recovery_rows(r: Json) -> list[Row]:
     rows: list[Row] = []
     n = r["settings"]["sessions"]
@@ -274,6 +299,7 @@ SECTIONS: dict[str, Callable[[Json], list[Row]]] = {
     "burst-baseline": lambda r: burst_rows(r, "baseline"),
     "sweeper": sweeper_rows,
     "memory": memory_rows,
+    "exec-output": exec_output_rows,
     "recovery": recovery_rows,
     "faults": faults_rows,
 }

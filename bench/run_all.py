@@ -62,6 +62,7 @@ def benches(burst: int) -> list[list[Bench]]:
         [Bench("latency", ["-m", "bench.bench_latency"], 300)],
         [Bench("sweeper", ["-m", "bench.bench_sweeper"], 400)],
         [Bench("memory", ["-m", "bench.bench_memory"], 500)],
+        [Bench("exec-output", ["-m", "bench.bench_exec_output"], 300)],
         [Bench("recovery", ["-m", "bench.bench_recovery"], 700)],
         [Bench("faults", ["-m", "bench.bench_faults"], 400)],
         [

@@ -7,13 +7,22 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import core_schema
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -40,6 +49,7 @@ from listener.errors import (
     FlyUnavailableError,
     is_retryable,
 )
+from listener.exec_stream import ExecScanner, ExecStreamError
 from listener.models import ExecResult, Lease, Machine, MachineState
 from listener.ratelimit import Rate, RateLimiter
 
@@ -59,6 +69,11 @@ TIMEOUT_MARGIN_S = 15.0  # HTTP read timeout beyond a server-side wait or exec t
 DEFAULT_BACKOFF = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.5)  # 0.2 s doubling
 WAIT_MIN_S, WAIT_MAX_S = 1, 60  # what Fly's wait endpoint accepts
 ERROR_TEXT_LIMIT = 200
+EXEC_OUTPUT_LIMIT_BYTES = 65536  # per stream, as SANDBOX_COMMAND_OUTPUT_LIMIT_BYTES defaults
+# Past this an exec answer is not read on (Fly documents no output limit). A 150 MB print fits
+# even if JSON escaped every byte as \u0000 (6x); more means a misbehaving server. Memory stays
+# bounded anyway: the ceiling bounds the time, about 7 s of one core at the benched 160 MB/s.
+EXEC_BODY_LIMIT_BYTES = 1 << 30
 WAITABLE = frozenset(
     {
         MachineState.STARTED,
@@ -274,24 +289,38 @@ _SET_METADATA = _Op("set_metadata", "POST", "/machines/{id}/metadata/{key}", "me
 _DELETE_METADATA = _Op("delete_metadata", "DELETE", "/machines/{id}/metadata/{key}", "metadata")
 
 
+class _OrNone:
+    """Wire-field annotation: a value of the wrong type or shape reads as None, in pydantic-core."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_default_schema(handler(source), default=None, on_error="default")
+
+
+_Text = Annotated[str | None, _OrNone]
+_Strings = dict[str, _Text]  # Fly's string maps; a value of another type reads as None
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class _ConfigWire(_Wire):
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[_Strings | None, _OrNone] = None
 
 
 class _MachineWire(_Wire):
-    id: str = Field(min_length=1)
-    state: str | None = None
-    region: str | None = None
-    instance_id: str | None = None
-    name: str | None = None
-    config: _ConfigWire | None = None
-    created_at: str | None = None
-    updated_at: str | None = None
-    nonce: str | None = None
+    id: str = Field(min_length=1)  # the one field a machine cannot do without
+    state: _Text = None
+    region: _Text = None
+    instance_id: _Text = None
+    name: _Text = None
+    config: Annotated[_ConfigWire | None, _OrNone] = None
+    created_at: _Text = None
+    updated_at: _Text = None
+    nonce: _Text = None
 
     def model(self) -> Machine:
         return Machine(
@@ -300,7 +329,7 @@ class _MachineWire(_Wire):
             region=self.region or "",
             instance_id=self.instance_id or "",
             name=self.name or "",
-            metadata=dict((self.config.metadata if self.config else None) or {}),
+            metadata=_strings(self.config.metadata if self.config else None),
             created_at=_timestamp(self.created_at),
             updated_at=_timestamp(self.updated_at),
             nonce=self.nonce or None,
@@ -310,8 +339,8 @@ class _MachineWire(_Wire):
 class _LeaseWire(_Wire):
     nonce: str = Field(min_length=1)
     expires_at: int
-    owner: str | None = None
-    description: str | None = None
+    owner: _Text = None
+    description: _Text = None
 
     def model(self) -> Lease:
         return Lease(self.nonce, self.expires_at, self.owner or "", self.description or "")
@@ -322,40 +351,48 @@ class _LeaseEnvelope(_Wire):
 
 
 class _OrganizationWire(_Wire):
-    slug: str | None = None
+    slug: _Text = None
 
 
 class _AppWire(_Wire):
     name: str = Field(min_length=1)
-    status: str | None = None
-    organization: _OrganizationWire | None = None
-    machine_count: int | None = None
+    status: _Text = None
+    organization: Annotated[_OrganizationWire | None, _OrNone] = None
+    machine_count: Annotated[int | None, _OrNone] = None
 
     def model(self) -> FlyApp:
         org = self.organization.slug if self.organization else None
         return FlyApp(self.name, self.status or "", org or "", self.machine_count)
 
 
-class _ExecWire(_Wire):
-    exit_code: int
-    exit_signal: int | None = None
-    stdout: str | None = None
-    stderr: str | None = None
-
-
 _MACHINE = TypeAdapter(_MachineWire)
-_MACHINES = TypeAdapter(list[_MachineWire])
+# A machine without a usable id comes through raw, to be skipped, not to fail the whole list.
+_MACHINES = TypeAdapter(list[Annotated[_MachineWire | Any, Field(union_mode="left_to_right")]])
 _LEASE: TypeAdapter[_LeaseEnvelope | _LeaseWire] = TypeAdapter(_LeaseEnvelope | _LeaseWire)
-_EXEC_RESULT = TypeAdapter(_ExecWire)
 _APP = TypeAdapter(_AppWire)
-_METADATA = TypeAdapter(dict[str, str])
+_METADATA = TypeAdapter(_Strings)
 
 
 def _timestamp(value: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value) if value else None
-    except ValueError:
+    """An RFC 3339 time in UTC (no offset: taken as UTC); None if unreadable or out of range."""
+    if not value:
         return None
+    try:
+        parsed = datetime.fromisoformat(value)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: in range only before the offset
+        return None
+
+
+def _strings(mapping: Mapping[str, str | None] | None) -> dict[str, str]:
+    """A wire string map without the values that were not strings."""
+    return {key: value for key, value in (mapping or {}).items() if value is not None}
+
+
+def _raw_id(item: object) -> str | None:
+    """The id of a machine that did not parse, if it has one, for the log."""
+    raw = item.get("id") if isinstance(item, dict) else None
+    return None if raw is None else str(raw)[:64]
 
 
 def _decode(adapter: TypeAdapter[T], response: httpx.Response, op: _Op) -> T:
@@ -368,11 +405,16 @@ def _decode(adapter: TypeAdapter[T], response: httpx.Response, op: _Op) -> T:
             for e in exc.errors(include_input=False)[:3]
         )
         # `from None`: the validation error quotes the body, which may hold machine env values.
-        raise FlyUnavailableError(
-            f"{op.name}: unparseable response from Fly ({problems})",
-            status=response.status_code,
-            request_id=response.headers.get(REQUEST_ID_HEADER),
-        ) from None
+        raise _unusable(response, op, f"unparseable response from Fly ({problems})") from None
+
+
+def _unusable(response: httpx.Response, op: _Op, problem: str) -> FlyUnavailableError:
+    """A 2xx answer the listener cannot use."""
+    return FlyUnavailableError(
+        f"{op.name}: {problem}",
+        status=response.status_code,
+        request_id=response.headers.get(REQUEST_ID_HEADER),
+    )
 
 
 class FlyClient:
@@ -391,6 +433,7 @@ class FlyClient:
         max_retry_time_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        exec_body_limit_bytes: int = EXEC_BODY_LIMIT_BYTES,
     ) -> None:
         if max_attempts < 1 or max_retry_time_s <= 0:
             raise ValueError("max_attempts must be >= 1 and max_retry_time_s > 0")
@@ -406,6 +449,7 @@ class FlyClient:
         self._max_retry_time_s = max_retry_time_s
         self._clock = clock
         self._metrics = metrics
+        self._exec_body_limit_bytes = exec_body_limit_bytes
 
     @classmethod
     def from_settings(
@@ -497,7 +541,13 @@ class FlyClient:
         if summary:
             params.append(("summary", "true"))
         response = await self._send(_LIST, params=params)
-        return [wire.model() for wire in _decode(_MACHINES, response, _LIST)]
+        machines = []
+        for item in _decode(_MACHINES, response, _LIST):
+            if isinstance(item, _MachineWire):
+                machines.append(item.model())
+            else:
+                log.warning("fly_machine_unparseable", machine_id=_raw_id(item))
+        return machines
 
     async def wait_for_state(
         self,
@@ -586,19 +636,29 @@ class FlyClient:
             return
 
     async def exec(
-        self, machine_id: str, argv: Sequence[str], *, stdin: str | None = None, timeout_s: int
+        self,
+        machine_id: str,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout_s: int,
+        output_limit_bytes: int = EXEC_OUTPUT_LIMIT_BYTES,
     ) -> ExecResult:
         """Run argv in the machine; a non-zero exit is a result, not an error.
 
-        Retried only when never sent or on 429, since a command need not be idempotent.
+        The answer is parsed as it streams in: stdout and stderr each keep at most
+        `output_limit_bytes` of UTF-8 (whole characters; `*_truncated` says what was cut), the
+        rest is dropped unheld, and an answer past the client's `exec_body_limit_bytes` is a
+        FlyUnavailableError. Retried only when never sent or on 429, since a command need not
+        be idempotent.
         """
         body: dict[str, object] = {"command": list(argv), "timeout": timeout_s}
         if stdin is not None:
             body["stdin"] = stdin
         timeout = timeout_s + TIMEOUT_MARGIN_S
-        response = await self._send(_EXEC, machine_id, json=body, read_timeout_s=timeout)
-        wire = _decode(_EXEC_RESULT, response, _EXEC)
-        return ExecResult(wire.exit_code, wire.stdout or "", wire.stderr or "", wire.exit_signal)
+        scanner = ExecScanner(output_limit_bytes, self._exec_body_limit_bytes)
+        await self._send(_EXEC, machine_id, json=body, read_timeout_s=timeout, scanner=scanner)
+        return scanner.result()
 
     # Leases
 
@@ -627,7 +687,7 @@ class FlyClient:
     async def get_metadata(self, machine_id: str) -> dict[str, str]:
         """The machine's metadata map."""
         response = await self._send(_GET_METADATA, machine_id)
-        return _decode(_METADATA, response, _GET_METADATA)
+        return _strings(_decode(_METADATA, response, _GET_METADATA))
 
     async def set_metadata(
         self, machine_id: str, key: str, value: str, *, nonce: str | None = None
@@ -682,13 +742,20 @@ class FlyClient:
         nonce: str | None = None,
         read_timeout_s: float = REQUEST_TIMEOUT_S,
         budget_s: float | None = None,
+        scanner: ExecScanner | None = None,
     ) -> httpx.Response:
-        """Send `op` under its retry policy and the rate limiter: a 2xx response or a FlyError."""
+        """Send `op` under its retry policy and the rate limiter: a 2xx response or a FlyError.
+
+        With `scanner`, a 2xx body is asked for uncompressed (one chunk in memory is one network
+        read) and fed to it as it arrives, not kept in the response.
+        """
         path = op.path.format(id=quote(machine_id or "", safe=""), key=quote(key, safe=""))
         url = self._app_url + path
         headers = {"Authorization": self._authorization.get_secret_value()}
         if nonce:
             headers[LEASE_NONCE_HEADER] = nonce
+        if scanner is not None:
+            headers["Accept-Encoding"] = "identity"
         timeout = httpx.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S)
         query = tuple(params)
         attempts = itertools.count(1)
@@ -699,10 +766,18 @@ class FlyClient:
             started = time.perf_counter()
             status: int | None = None
             try:
-                response = await self._http.request(
+                request = self._http.build_request(
                     op.method, url, params=query, json=json, headers=headers, timeout=timeout
                 )
-                status = response.status_code
+                response = await self._http.send(request, stream=True)
+                try:
+                    status = response.status_code
+                    if scanner is not None and response.is_success:
+                        await _scan(response, scanner, op)
+                    else:
+                        await response.aread()
+                finally:
+                    await response.aclose()
             except httpx.HTTPError as exc:
                 raise to_fly_error(exc, operation=op.name) from exc
             finally:
@@ -774,6 +849,16 @@ def _reached(response: httpx.Response, wanted: frozenset[MachineState]) -> Machi
         state = MachineState.parse(named)
         return state if state in wanted else None
     return next(iter(wanted)) if len(wanted) == 1 else None
+
+
+async def _scan(response: httpx.Response, scanner: ExecScanner, op: _Op) -> None:
+    """Feed a streamed body to `scanner`; what it cannot use is FlyUnavailableError."""
+    try:
+        async for chunk in response.aiter_bytes():
+            scanner.feed(chunk)
+        scanner.close()
+    except ExecStreamError as exc:
+        raise _unusable(response, op, str(exc)) from None  # the message never quotes the body
 
 
 def _lease(response: httpx.Response, op: _Op) -> Lease:

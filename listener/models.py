@@ -7,6 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 
 MANAGED_BY = "sandbox-listener"
+MAX_EPOCH = 2**63 - 1  # sandbox_epoch is a Postgres bigint
 
 
 class MachineState(StrEnum):
@@ -79,17 +80,22 @@ class Machine:
     def epoch(self) -> int | None:
         """The claim epoch it was created under, from its metadata."""
         raw = self.metadata.get("epoch")
-        return int(raw) if raw is not None and raw.isdigit() else None
+        if raw is None or not (raw.isascii() and raw.isdigit()):
+            return None  # str.isdigit alone lets "²" through, which int() refuses
+        epoch = int(raw)
+        return epoch if epoch <= MAX_EPOCH else None
 
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
-    """What a command run through Fly's exec API returned (HTTP 200 is not success)."""
+    """A command's result from Fly exec (HTTP 200 is not success); whether each output was cut."""
 
     exit_code: int
     stdout: str = ""
     stderr: str = ""
     exit_signal: int | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def ok(self) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,12 +37,19 @@ from listener.fly import FLY_GET_RATE, FLY_RATE, FlyApp, FlyClient, machine_conf
 from listener.metrics import Metrics
 from listener.models import ExecResult, Lease, Machine, MachineState
 from listener.ratelimit import Rate, RateLimiter
+from listener.reconciler import Policy, pick_machine, reconcile
 
 BASE = "http://fly.test"
 APP = "sandboxes"
 MACHINES = f"{BASE}/v1/apps/{APP}/machines"
 TOKEN = "fo1_s3cret-token-value-do-not-log"
 UNLIMITED = Rate(1e9, 10**9)
+SETTINGS_ENV = {
+    "SUPABASE_URL": "http://127.0.0.1:54321",
+    "SUPABASE_SERVICE_ROLE_KEY": "service-key",
+    "FLY_API_TOKEN": TOKEN,
+    "FLY_APP_NAME": APP,
+}
 
 
 class FakeClock:
@@ -200,6 +209,130 @@ async def test_get_machine_parses_and_tolerates_unknown_states_and_odd_timestamp
     assert machine.created_at is None
     assert machine.metadata == {}
     assert machine.updated_at == datetime(2024, 5, 1, 12, 0, 5, tzinfo=UTC)
+
+
+def listed(machine_id: str, **over: Any) -> dict[str, Any]:
+    """A machine of a list answer with some fields replaced (None: removed)."""
+    body = machine_json(machine_id, **over)
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def with_metadata(**metadata: Any) -> dict[str, Any]:
+    return {"image": "registry.fly.io/sandbox:1", "metadata": metadata}
+
+
+async def test_one_malformed_field_costs_that_field_not_the_machine_or_the_list(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("").mock(
+        return_value=ok(
+            [
+                listed("good"),
+                listed("year-10000", created_at="10000-01-01T00:00:00Z"),
+                listed("before-year-1-in-utc", created_at="0001-01-01T00:00:00+01:00"),
+                listed("number-time", created_at=1714564800, updated_at=True),
+                listed("no-offset", created_at="2024-05-01T12:00:00"),
+                listed("offset", created_at="2024-05-01T14:00:00.123456789+02:00"),
+                listed("odd-types", state=7, region=["iad"], name={}, nonce=1, instance_id=3),
+                listed("no-region", region=None, instance_id=None, state="teleporting"),
+                listed("config-a-string", config="image=x"),
+                listed("metadata-a-list", config={"metadata": ["session_id", "s1"]}),
+                listed(
+                    "odd-metadata",
+                    config=with_metadata(session_id="s4", epoch=3, n=None, o={"a": 1}),
+                ),
+                listed("huge-epoch", config=with_metadata(epoch="99999999999999999999")),
+                listed("digit-epoch", config=with_metadata(epoch="²")),
+            ]
+        )
+    )
+    machines = {m.id: m for m in await fly.list_machines()}
+    assert len(machines) == 13
+    aware = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert machines["good"].created_at == aware
+    assert machines["year-10000"].created_at is None
+    assert machines["before-year-1-in-utc"].created_at is None
+    assert (machines["number-time"].created_at, machines["number-time"].updated_at) == (None, None)
+    assert machines["no-offset"].created_at == aware
+    assert machines["offset"].created_at == datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    odd = machines["odd-types"]
+    assert (odd.state, odd.region, odd.name, odd.nonce, odd.instance_id) == (
+        MachineState.UNKNOWN,
+        "",
+        "",
+        None,
+        "",
+    )
+    bare = machines["no-region"]
+    assert (bare.state, bare.region, bare.instance_id) == (MachineState.UNKNOWN, "", "")
+    assert machines["config-a-string"].metadata == {}
+    assert machines["metadata-a-list"].metadata == {}
+    assert machines["odd-metadata"].metadata == {"session_id": "s4"}
+    assert machines["odd-metadata"].epoch is None
+    assert machines["huge-epoch"].epoch is None
+    assert machines["digit-epoch"].epoch is None
+    now = datetime(2024, 5, 2, tzinfo=UTC)
+    policy = Policy.from_settings(Settings.from_env(SETTINGS_ENV))
+    reconcile(machines.values(), {}, [], now, policy)  # the sweeper's arithmetic holds up
+    pick_machine(machines.values())
+
+
+async def test_a_machine_without_a_usable_id_is_skipped_and_logged_not_the_list(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("").mock(
+        return_value=ok(
+            [
+                listed("m1"),
+                listed("", state="started"),
+                listed("m2", id=None),
+                listed("m3", id=42),
+                "not a machine",
+                None,
+                listed("m4"),
+            ]
+        )
+    )
+    with capture_logs() as logs:
+        machines = await fly.list_machines()
+    assert [m.id for m in machines] == ["m1", "m4"]
+    skipped = [e for e in logs if e["event"] == "fly_machine_unparseable"]
+    assert [(e["log_level"], e["machine_id"]) for e in skipped] == [
+        ("warning", ""),
+        ("warning", None),
+        ("warning", "42"),
+        ("warning", None),
+        ("warning", None),
+    ]
+
+
+async def test_a_list_answer_that_is_not_a_list_is_still_an_error(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("").mock(return_value=ok({"machines": [machine_json()]}))
+    with pytest.raises(FlyUnavailableError, match="list_machines: unparseable response"):
+        await fly.list_machines()
+
+
+async def test_get_machine_reads_malformed_fields_as_absent(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.get("/m1").mock(
+        return_value=ok(machine_json(region=5, config={"metadata": {"epoch": 3}}, nonce=[]))
+    )
+    machine = await fly.get_machine("m1")
+    assert (machine.region, machine.metadata, machine.nonce) == ("", {}, None)
+
+
+async def test_get_metadata_drops_values_that_are_not_strings(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    route = router.get("/m1/metadata")
+    route.mock(return_value=ok({"session_id": "s1", "epoch": 3, "x": None}))
+    assert await fly.get_metadata("m1") == {"session_id": "s1"}
+    route.mock(return_value=ok(["session_id"]))
+    with pytest.raises(FlyUnavailableError, match="get_metadata: unparseable response"):
+        await fly.get_metadata("m1")
 
 
 async def test_list_sends_every_filter_as_query_params(
@@ -428,6 +561,147 @@ async def test_from_settings_uses_endpoint_app_token_attempts_and_rates(
     assert start.calls.last.request.headers["authorization"] == f"Bearer {TOKEN}"
     assert waited_s >= 0.04
     assert get.call_count == 1  # FLY_MAX_ATTEMPTS=1
+
+
+# Exec answers, read as a stream
+
+
+def streamed(
+    parts: Iterable[bytes], status: int = 200, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """A response whose body is produced part by part, as the server writes it."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    return httpx.Response(status, content=body(), headers=headers)
+
+
+async def test_exec_reads_an_answer_arriving_in_pieces_and_asks_for_it_uncompressed(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    body = '{"stderr":"\\ud83d\\ude00 é\\u0000","exit_signal":null,"stdout":"ok\\n","exit_code":0}'
+    raw = body.encode()
+    route = router.post("/m1/exec").mock(
+        return_value=streamed(raw[i : i + 3] for i in range(0, len(raw), 3))
+    )
+    result = await fly.exec("m1", ["true"], timeout_s=5)
+    assert result == ExecResult(0, "ok\n", "😀 é\u0000")
+    assert route.calls.last.request.headers["accept-encoding"] == "identity"
+
+
+async def test_exec_keeps_64_kib_of_each_output_by_default_and_flags_the_cut(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.post("/m1/exec").mock(
+        return_value=ok({"exit_code": 1, "stdout": "é" * 40_000, "stderr": "short"})
+    )
+    result = await fly.exec("m1", ["cat", "big"], timeout_s=5)
+    assert (result.stdout, result.stdout_truncated) == ("é" * 32_768, True)
+    assert (result.stderr, result.stderr_truncated) == ("short", False)
+    assert result.exit_code == 1
+
+
+async def test_exec_keeps_what_output_limit_bytes_says(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    router.post("/m1/exec").mock(return_value=ok({"exit_code": 0, "stdout": "abc", "stderr": "de"}))
+    result = await fly.exec("m1", ["true"], timeout_s=5, output_limit_bytes=2)
+    assert result == ExecResult(0, "ab", "de", stdout_truncated=True)
+
+
+async def test_exec_finds_the_exit_code_after_a_huge_stdout_without_holding_it(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    piece = b"x" * 1023 + b"\\n" * 512 + b"y"  # 2 KiB on the wire, 1,536 characters
+    count = 16_000  # 32 MB
+    parts = itertools.chain(
+        [b'{"stdout":"'], itertools.repeat(piece, count), [b'","exit_code":3,"exit_signal":9}']
+    )
+    router.post("/m1/exec").mock(return_value=streamed(parts))
+    tracemalloc.start()
+    try:
+        result = await fly.exec("m1", ["yes"], timeout_s=5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (result.exit_code, result.exit_signal, result.stdout_truncated) == (3, 9, True)
+    assert result.stdout == (("x" * 1023 + "\n" * 512 + "y") * 43)[:65536]
+    assert peak < 2_000_000, f"held {peak} bytes of a {count * len(piece)}-byte answer"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>502 Bad Gateway</html>", b'{"stdout":"hi"}', b'{"exit_code":0', b'{"exit_code":"0"}'],
+    ids=["html", "no-exit-code", "cut-short", "exit-code-a-string"],
+)
+async def test_exec_unparseable_answer_is_a_typed_error_and_not_retried(
+    fly: FlyClient, router: respx.MockRouter, body: bytes
+) -> None:
+    route = router.post("/m1/exec").mock(
+        return_value=httpx.Response(200, content=body, headers={"fly-request-id": "r7"})
+    )
+    with pytest.raises(FlyUnavailableError, match="exec: unparseable response from Fly") as info:
+        await fly.exec("m1", ["true"], timeout_s=5)
+    assert (info.value.status, info.value.request_id) == (200, "r7")
+    assert info.value.__cause__ is None
+    assert route.call_count == 1
+
+
+async def test_exec_answer_over_the_ceiling_stops_reading_with_a_typed_error(
+    http: httpx.AsyncClient, router: respx.MockRouter
+) -> None:
+    fly = FlyClient(
+        http,
+        base_url=BASE,
+        app_name=APP,
+        token=TOKEN,
+        limiter=RateLimiter(UNLIMITED),
+        exec_body_limit_bytes=1_000_000,
+    )
+    sent: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        yield b'{"exit_code":0,"stdout":"'
+        for n in itertools.count():
+            sent.append(n)
+            yield b"x" * 65536
+
+    route = router.post("/m1/exec").mock(return_value=streamed(endless()))
+    with pytest.raises(FlyUnavailableError, match="over the 1000000-byte ceiling; reading stopped"):
+        await fly.exec("m1", ["yes"], timeout_s=5)
+    assert len(sent) == 16  # 16 x 64 KiB passes 1 MB: not a chunk more was asked for
+    assert route.call_count == 1
+
+
+async def test_exec_connection_lost_mid_answer_is_unavailable_and_not_retried(
+    fly: FlyClient, router: respx.MockRouter
+) -> None:
+    def dropped() -> Iterator[bytes]:
+        yield b'{"exit_code":0,"stdout":"par'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+    route = router.post("/m1/exec").mock(return_value=streamed(dropped()))
+    with pytest.raises(FlyUnavailableError, match="Fly unreachable") as info:
+        await fly.exec("m1", ["true"], timeout_s=5)
+    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(404, FlyNotFoundError), (408, FlyTimeoutError), (412, FlyConflictError)],
+)
+async def test_exec_error_answers_keep_their_type_and_fly_message(
+    fly: FlyClient, router: respx.MockRouter, status: int, error: type[FlyError]
+) -> None:
+    router.post("/m1/exec").mock(
+        return_value=streamed([b'{"error":"deadline', b'_exceeded"}'], status=status)
+    )
+    with pytest.raises(error, match="exec: deadline_exceeded") as info:
+        await fly.exec("m1", ["sleep", "60"], timeout_s=5)
+    assert info.value.status == status
 
 
 # Errors
@@ -904,6 +1178,17 @@ async def test_get_app_reads_the_app_with_the_token(
 
 async def test_get_app_tolerates_a_bare_app(fly: FlyClient, app_router: respx.MockRouter) -> None:
     app_router.get("").mock(return_value=ok({"name": APP}))
+    assert await fly.get_app() == FlyApp(name=APP, status="", organization="")
+
+
+async def test_get_app_reads_malformed_fields_as_absent(
+    fly: FlyClient, app_router: respx.MockRouter
+) -> None:
+    app_router.get("").mock(
+        return_value=ok(
+            {"name": APP, "status": 1, "organization": "personal", "machine_count": "many"}
+        )
+    )
     assert await fly.get_app() == FlyApp(name=APP, status="", organization="")
 
 

@@ -39,6 +39,7 @@ FAST = {
     "LISTENER_SWEEP_INTERVAL_S": "5",
     "FLY_RATE_PER_S": "100000",
     "FLY_BURST": "100000",
+    "SANDBOX_MAX_LIVE_PER_USER": "0",  # one simulated user owns every session
     "LOG_LEVEL": "warning",
 }
 

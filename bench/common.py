@@ -385,6 +385,7 @@ def listener_env(info: StackInfo, **settings: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         **info.env(),
         "SANDBOX_IMAGE": "registry.fly.io/sandbox:bench",
+        "SANDBOX_MAX_LIVE_PER_USER": "0",  # every bench session belongs to one simulated user
         "LOG_LEVEL": "warning",
         "LOG_FORMAT": "json",
         **settings,

@@ -102,6 +102,7 @@ async def assemble(settings: Settings, *, owner: str | None = None) -> AsyncIter
             lease_s=settings.listener_lease_s,
             capacity=settings.listener_concurrency,  # claim only what can start at once
             release=controller.hand_back,
+            bury_deleted=controller.bury_deleted,
             metrics=metrics,
         )
         intake = RealtimeIntake(

@@ -144,8 +144,8 @@ async def destroy(settings: Settings, session_id: str, out: TextIO = sys.stdout)
     async with assemble(settings) as parts:
         row = await parts.store.claim(session_id, settings.listener_lease_s, force=True)
         if row is None:
-            count = await parts.controller.destroy_machines_of(session_id, StopReason.OPERATOR)
-            print(f"no such session; destroyed {count} machine(s) tagged with it", file=out)
+            count = await parts.controller.bury_deleted(session_id)
+            print(f"no such session; destroyed {count} machine(s) it left", file=out)
             return 0
         if row.state.is_final:  # never claimed: nothing left to tear down
             print(f"session {session_id} is already {row.state.value}", file=out)

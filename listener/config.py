@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     sandbox_idle_warning_s: int = Field(
         default=300, ge=0, description="Record an idle_warning this long before reaping (0: off)"
     )
+    sandbox_max_live_per_user: int = Field(
+        default=5,
+        ge=0,
+        description="Sandboxes one user may have provisioning or ready at once (0: no limit)",
+    )
     sandbox_command_max_timeout_s: int = Field(
         default=300, ge=1, le=3600, description="Longest timeout_s a queued command may ask for"
     )

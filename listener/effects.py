@@ -32,6 +32,7 @@ from listener.models import (
     SandboxState,
     Session,
     StopReason,
+    Tombstone,
 )
 from listener.reconciler import (
     Policy,
@@ -84,7 +85,9 @@ class SandboxRepo(Protocol):
     ) -> Session | None: ...
     async def renew(self, s: Session, lease_s: int) -> Session: ...
     async def release(self, s: Session) -> Session: ...
-    async def begin_provision(self, s: Session, max_lifetime_s: int) -> Session: ...
+    async def begin_provision(
+        self, s: Session, max_lifetime_s: int, max_live_per_user: int = 0
+    ) -> Session: ...
     async def set_machine(self, s: Session, machine_id: str, region: str) -> Session: ...
     async def mark_ready(
         self, s: Session, idle_timeout_s: int, idle_warning_s: int = 0
@@ -94,8 +97,17 @@ class SandboxRepo(Protocol):
     async def begin_stop(self, s: Session, reason: str) -> Session: ...
     async def mark_destroyed(self, s: Session) -> Session: ...
     async def record_event(
-        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+        self,
+        session_id: str,
+        incarnation: str | None,
+        epoch: int | None,
+        event: str,
+        detail: Mapping[str, Any],
     ) -> None: ...
+    async def claim_tombstones(
+        self, lease_s: int, limit: int, session_id: str | None = None
+    ) -> list[Tombstone]: ...
+    async def bury(self, tombstone: Tombstone) -> bool: ...
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -125,8 +137,8 @@ class Controller:
     async def handle(self, session_id: str) -> None:
         """React to a hint about a session: claim it if due, then act on what the row says."""
         row = await self.store.claim(session_id, self.lease_s)
-        if row is None:
-            await self.destroy_machines_of(session_id, StopReason.DELETED)
+        if row is None:  # deleted: destroy what its incarnations left (the id may live again)
+            await self.bury_deleted(session_id)
         elif row.claimed_by_me(self.store.owner) and not row.state.is_final:
             await self.act(row)
 
@@ -186,7 +198,14 @@ class Controller:
     async def provision(self, row: Session, spec: MachineSpec) -> None:
         """Create or adopt the machine, wait for it, smoke-test it, mark ready; or retry/fail."""
         resumed = row.state is SandboxState.PROVISIONING
-        row = await self.store.begin_provision(row, self.policy.max_lifetime_s)
+        row = await self.store.begin_provision(
+            row, self.policy.max_lifetime_s, self.policy.max_live_per_user
+        )
+        if row.state is SandboxState.FAILED:  # the owner is at the live-sandbox limit
+            self.metrics.session_failed("limit")
+            self.on_settled(row.id)
+            await self._event(row, "sandbox_rejected", error=row.error)
+            return
         started = time.monotonic()
         machine: Machine | None = None
         try:
@@ -293,7 +312,12 @@ class Controller:
                 "SESSION_ID": row.id,
                 "SANDBOX_DEADLINE_EPOCH_S": str(int(row.deadline_at.timestamp())),
             },
-            metadata={"session_id": row.id, "epoch": str(row.epoch), "managed_by": MANAGED_BY},
+            metadata={
+                "session_id": row.id,
+                "incarnation": row.incarnation,
+                "epoch": str(row.epoch),
+                "managed_by": MANAGED_BY,
+            },
         )
         try:
             return await self.fly.create_machine(config, region=spec.region)
@@ -304,10 +328,11 @@ class Controller:
             return adopted  # older-epoch leftovers are the sweeper's: one create per claim
 
     async def _adopt(self, row: Session, *, tries: int) -> tuple[Machine | None, list[Machine]]:
-        """Find this session's live machines by metadata: the one to keep and the extras."""
+        """Find this row incarnation's live machines by metadata (never by the session id,
+        which another row may have had): the one to keep and the extras."""
         for attempt in range(tries):
-            found = await self.fly.list_machines(metadata={"session_id": row.id})
-            keep, extras = pick_machine(found)
+            found = await self.fly.list_machines(metadata={"incarnation": row.incarnation})
+            keep, extras = pick_machine(found, row.incarnation)
             if keep is not None:
                 log.info("machine_adopted", machine_id=keep.id, duplicates=len(extras))
                 return keep, extras
@@ -342,7 +367,8 @@ class Controller:
             await self._event(row, "sandbox_stopping", reason=reason.value)
         ids = {row.sandbox_id} if row.sandbox_id else set()
         if unrecorded:  # a crash between create and set_machine leaves the id only in Fly
-            ids |= {m.id for m in await self.fly.list_machines(metadata={"session_id": row.id})}
+            found = await self.fly.list_machines(metadata={"incarnation": row.incarnation})
+            ids |= {m.id for m in found if m.incarnation == row.incarnation}
         try:
             for machine_id in sorted(ids):
                 await self.fly.destroy(machine_id, force=True)
@@ -354,24 +380,37 @@ class Controller:
         self.on_settled(row.id)
         await self._event(row, "sandbox_destroyed", reason=reason.value, machines=sorted(ids))
 
-    async def destroy_machines_of(self, session_id: str, reason: StopReason) -> int:
-        """Destroy every machine tagged with a session whose row is gone; returns how many."""
-        machines = [
-            m
-            for m in await self.fly.list_machines(metadata={"session_id": session_id})
-            if not m.state.is_gone
-        ]
-        for machine in machines:
-            await self.fly.destroy(machine.id, force=True)
-        if machines:
+    async def bury_deleted(self, session_id: str | None = None, limit: int = 100) -> int:
+        """Destroy the machines of deleted incarnations (of one session, when given) and
+        forget their tombstones; returns how many machines were destroyed."""
+        tombstones = await self.store.claim_tombstones(self.lease_s, limit, session_id)
+        destroyed = 0
+        for tombstone in tombstones:
+            destroyed += await self.bury(tombstone, StopReason.DELETED)
+        return destroyed
+
+    async def bury(self, tombstone: Tombstone, reason: StopReason) -> int:
+        """Destroy every machine of one deleted incarnation, then forget it."""
+        found = await self.fly.list_machines(metadata={"incarnation": tombstone.incarnation})
+        ids = {
+            m.id for m in found if m.incarnation == tombstone.incarnation and not m.state.is_gone
+        }
+        if tombstone.sandbox_id:  # recorded before a list could show it
+            ids.add(tombstone.sandbox_id)
+        for machine_id in sorted(ids):
+            await self.fly.destroy(machine_id, force=True)  # 404 is done
+        if ids:
             self.metrics.destroyed(reason.value)
-            await self.store.record_event(
-                session_id,
+            await self._record(
+                tombstone.session_id,
+                tombstone.incarnation,
                 None,
                 "sandbox_destroyed",
-                {"reason": reason.value, "machines": [m.id for m in machines]},
+                reason=reason.value,
+                machines=sorted(ids),
             )
-        return len(machines)
+        await self.store.bury(tombstone)
+        return len(ids)
 
     async def _destroy_quietly(self, machine_id: str) -> None:
         """Best-effort cleanup on a failure path; the sweeper reaps what this misses."""
@@ -396,10 +435,16 @@ class Controller:
                 log.warning("lease_renew_failed", error=str(exc))
 
     async def _event(self, row: Session, event: str, **detail: Any) -> None:
-        """Log the transition and append it to sandbox_events; the audit is best-effort: a
-        failed write is logged, never undoes or fails the transition it describes."""
+        """Log the transition and append it to sandbox_events for this row incarnation."""
+        await self._record(row.id, row.incarnation, row.epoch, event, **detail)
+
+    async def _record(
+        self, session_id: str, incarnation: str, epoch: int | None, event: str, **detail: Any
+    ) -> None:
+        """The audit is best-effort: a failed write is logged, never undoes or fails the
+        transition it describes."""
         log.info(event, **detail)
         try:
-            await self.store.record_event(row.id, row.epoch, event, detail)
+            await self.store.record_event(session_id, incarnation, epoch, event, detail)
         except Exception as exc:  # best-effort by design: never fail the work it describes
             log.warning("sandbox_event_failed", sandbox_event=event, error=str(exc))

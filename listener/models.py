@@ -7,6 +7,14 @@ from datetime import datetime
 from enum import StrEnum
 
 MANAGED_BY = "sandbox-listener"
+ECHO_LIMIT = 64  # characters of a value someone sent, when it is quoted back
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """A value a user (or Fly) sent, as it may be echoed into errors, logs and events."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 MAX_EPOCH = 2**63 - 1  # sandbox_epoch is a Postgres bigint
 
 
@@ -75,6 +83,11 @@ class Machine:
     def session_id(self) -> str | None:
         """The coding session this machine was created for, from its metadata."""
         return self.metadata.get("session_id")
+
+    @property
+    def incarnation(self) -> str | None:
+        """The row incarnation this machine was created for, from its metadata."""
+        return self.metadata.get("incarnation")
 
     @property
     def epoch(self) -> int | None:
@@ -153,6 +166,7 @@ class Session:
     """A coding_sessions row as the listener reads it."""
 
     id: str
+    incarnation: str  # server-made, never reused: what names this row's machine
     user_id: str
     status: SessionStatus
     state: SandboxState
@@ -178,6 +192,24 @@ class Session:
     def claimed_by_me(self, owner: str, epoch: int | None = None) -> bool:
         """Whether `owner` holds this row's claim (at `epoch`, when given)."""
         return self.claimed_by == owner and (epoch is None or self.epoch == epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A deleted session incarnation whose machines are still to be destroyed."""
+
+    incarnation: str
+    session_id: str
+    sandbox_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRow:
+    """A row the listener could not parse: enough of it to fail it, and why."""
+
+    id: str
+    epoch: int
+    problem: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,3 +257,4 @@ class CommandOutcome:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     error: str | None = None
+    output_replaced: bool = False  # bytes text cannot hold were stored as U+FFFD

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
 
@@ -34,6 +35,7 @@ from listener.models import (
     Session,
     SessionStatus,
     StopReason,
+    clip,
 )
 
 CLOCK_SKEW_S = 2.0
@@ -57,6 +59,7 @@ class Policy:
     retry_base_s: float = 5.0
     retry_max_s: float = 300.0
     orphan_grace_s: float = 120.0
+    max_live_per_user: int = 0  # 0: no limit
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -76,6 +79,7 @@ class Policy:
             retry_base_s=settings.listener_retry_base_s,
             retry_max_s=settings.listener_retry_max_s,
             orphan_grace_s=settings.listener_orphan_grace_s,
+            max_live_per_user=settings.sandbox_max_live_per_user,
         )
 
 
@@ -170,7 +174,7 @@ def machine_spec(session: Session, policy: Policy) -> MachineSpec | str:
     region = session.requested_region or policy.default_region
     if region not in policy.allowed_regions:
         allowed = ", ".join(sorted(policy.allowed_regions))
-        problems.append(f"region {region!r} is not allowed (allowed: {allowed})")
+        problems.append(f"region {clip(repr(region))} is not allowed (allowed: {allowed})")
     cpus = session.requested_cpus or policy.cpus
     allowed_cpus = [c for c in ALLOWED_CPUS if c <= policy.max_cpus]
     if cpus not in allowed_cpus:
@@ -270,25 +274,49 @@ def refuse_command(command: Command, max_timeout_s: int) -> CommandOutcome | Non
 
 def truncate(text: str, limit_bytes: int) -> tuple[str, bool]:
     """At most `limit_bytes` of UTF-8 (never splitting a character), and whether it was cut."""
-    raw = text.encode()
+    raw = text.encode(errors="surrogatepass")
     if len(raw) <= limit_bytes:
         return text, False
     return raw[:limit_bytes].decode(errors="ignore"), True
+
+
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates: not Postgres text
+
+
+def storable(text: str) -> tuple[str, bool]:
+    """Text Postgres can hold (each NUL or lone surrogate becomes U+FFFD), and whether
+    anything was replaced."""
+    clean = UNSTORABLE.sub("\ufffd", text)
+    return clean, clean != text
 
 
 def command_outcome(result: ExecResult, limit_bytes: int) -> CommandOutcome:
     """A finished run: exit 0 succeeded, anything else failed (a result, not a listener error)."""
     stdout, out_cut = truncate(result.stdout, limit_bytes)
     stderr, err_cut = truncate(result.stderr, limit_bytes)
+    stdout, out_replaced = storable(stdout)
+    stderr, err_replaced = storable(stderr)
     signal_note = f"killed by signal {result.exit_signal}" if result.exit_signal else None
     return CommandOutcome(
         CommandStatus.SUCCEEDED if result.ok else CommandStatus.FAILED,
         exit_code=result.exit_code,
         stdout=stdout,
         stderr=stderr,
-        stdout_truncated=out_cut,
-        stderr_truncated=err_cut,
+        stdout_truncated=out_cut or result.stdout_truncated,
+        stderr_truncated=err_cut or result.stderr_truncated,
         error=signal_note,
+        output_replaced=out_replaced or err_replaced,
+    )
+
+
+def unstored_outcome(outcome: CommandOutcome, error: BaseException) -> CommandOutcome:
+    """The same result without its output, when the output could not be written: the exit code
+    and a true reason survive."""
+    return replace(
+        outcome,
+        stdout=None,
+        stderr=None,
+        error=f"The command finished but its output could not be stored: {clip(str(error), 300)}",
     )
 
 
@@ -323,6 +351,7 @@ class DestroyOrphan:
     machine_id: str
     session_id: str | None
     reason: str
+    incarnation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,10 +378,13 @@ def reconcile(
     for machine in machines:
         if machine.state.is_gone:
             continue
-        present.add(machine.id)
         reason = orphan_reason(machine, sessions.get(machine.session_id or ""), now, policy)
-        if reason:
-            actions.append(DestroyOrphan(machine.id, machine.session_id, reason))
+        if reason is None:
+            present.add(machine.id)  # an orphan never counts as a session's machine
+        else:
+            actions.append(
+                DestroyOrphan(machine.id, machine.session_id, reason, machine.incarnation)
+            )
     for session in live:
         if (
             session.state is SandboxState.READY
@@ -373,6 +405,8 @@ def orphan_reason(
         return "session missing"
     if session.state.is_final:
         return f"session {session.state.value}"
+    if machine.incarnation != session.incarnation:
+        return "other incarnation"  # an earlier (deleted) row with this id, or untagged
     if machine.id == session.sandbox_id:
         return None
     if machine.epoch is not None and machine.epoch < session.epoch:
@@ -386,9 +420,12 @@ def _age_s(machine: Machine, now: datetime) -> float:
     return (now - machine.created_at).total_seconds()
 
 
-def pick_machine(found: Iterable[Machine]) -> tuple[Machine | None, list[Machine]]:
-    """Of a session's machines, the live one to keep (newest epoch, then newest) and the rest."""
-    live = [m for m in found if not m.state.is_gone]
+def pick_machine(
+    found: Iterable[Machine], incarnation: str
+) -> tuple[Machine | None, list[Machine]]:
+    """Of a row incarnation's machines, the live one to keep (newest epoch, then newest) and
+    the rest; a machine of any other incarnation is never picked (it is the sweeper's)."""
+    live = [m for m in found if not m.state.is_gone and m.incarnation == incarnation]
     oldest = datetime.min.replace(tzinfo=UTC)
     live.sort(key=lambda m: (m.epoch or 0, m.created_at or oldest), reverse=True)
     return (live[0], live[1:]) if live else (None, [])

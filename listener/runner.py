@@ -13,7 +13,12 @@ import structlog
 from listener.errors import FlyError, StoreError
 from listener.metrics import Metrics
 from listener.models import Command, CommandOutcome, CommandStatus, ExecResult
-from listener.reconciler import command_failure, command_outcome, refuse_command
+from listener.reconciler import (
+    command_failure,
+    command_outcome,
+    refuse_command,
+    unstored_outcome,
+)
 
 log = structlog.get_logger(component="runner")
 
@@ -22,7 +27,13 @@ class ExecApi(Protocol):
     """What the runner needs from Fly (FlyClient satisfies it)."""
 
     async def exec(
-        self, machine_id: str, argv: Sequence[str], *, stdin: str | None = None, timeout_s: int
+        self,
+        machine_id: str,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout_s: int,
+        output_limit_bytes: int = ...,
     ) -> ExecResult: ...
 
 
@@ -62,7 +73,7 @@ class CommandRunner:
         ):
             started = time.monotonic()
             outcome = refuse_command(command, self.max_timeout_s) or await self._execute(command)
-            written = await self.store.finish_command(command, outcome)
+            written = await self._finish(command, outcome)
             self.metrics.commands.labels(status=outcome.status.value).inc()
             log.info(
                 "command_finished",
@@ -72,6 +83,15 @@ class CommandRunner:
                 written=written,
             )
             return outcome
+
+    async def _finish(self, command: Command, outcome: CommandOutcome) -> bool:
+        """Write the result; if that fails, write it again without the output, so the exit
+        code and a true reason are kept (the lease lapsing is the last resort)."""
+        try:
+            return await self.store.finish_command(command, outcome)
+        except StoreError as exc:
+            log.warning("command_result_write_failed", error=str(exc))
+            return await self.store.finish_command(command, unstored_outcome(outcome, exc))
 
     async def _execute(self, command: Command) -> CommandOutcome:
         if not command.machine_id:
@@ -85,6 +105,7 @@ class CommandRunner:
                     list(command.argv),
                     stdin=command.stdin,
                     timeout_s=command.timeout_s,
+                    output_limit_bytes=self.output_limit_bytes,
                 )
                 keeper.cancel()
         except* FlyError as group:

@@ -41,6 +41,7 @@ class Scanner:
         lease_s: int,
         capacity: int,
         release: Callable[[Session], Awaitable[None]],
+        bury_deleted: Callable[[], Awaitable[int]] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._store = store
@@ -49,6 +50,7 @@ class Scanner:
         self._lease_s = lease_s
         self._capacity = capacity
         self._release = release
+        self._bury_deleted = bury_deleted
         self._stop = asyncio.Event()
         self.more_due = False  # the last scan stopped for lack of room, not of due rows
         self._metrics = metrics or Metrics()
@@ -82,6 +84,8 @@ class Scanner:
             self.more_due = True
         for session_id in await self._store.sessions_with_pending_commands():
             self._dispatcher.submit_commands(session_id)
+        if self._bury_deleted is not None:  # deleted rows' machines, even if the id lives again
+            await self._bury_deleted()
         self.scans += 1
         return claimed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,9 @@ from listener.models import (
     SandboxState,
     Session,
     SessionStatus,
+    Tombstone,
+    UnreadableRow,
+    clip,
 )
 
 log = structlog.get_logger(component="store")
@@ -39,6 +43,7 @@ NOT_IDEMPOTENT = frozenset(
         "claim_session",
         "claim_sessions",
         "claim_next_command_with_machine",
+        "claim_tombstones",
         "sandbox_record_event",
     }
 )
@@ -71,9 +76,12 @@ class SandboxStore:
         *,
         max_attempts: int = 4,
         wait: WaitBaseT | None = None,
+        fail_unreadable: bool = True,
     ) -> None:
         self._client = client
         self.owner = owner
+        self._fail_unreadable = fail_unreadable
+        self.unreadable: list[UnreadableRow] = []  # rows met that could not be parsed
         self._max_attempts = max_attempts
         self._wait = wait or (wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1))
 
@@ -85,14 +93,15 @@ class SandboxStore:
             "claim_session",
             {"p_id": session_id, "p_owner": self.owner, "p_lease_s": lease_s, "p_force": force},
         )
-        return session_from_row(rows[0]) if rows else None
+        sessions = await self._sessions(rows)
+        return sessions[0] if sessions else None
 
     async def claim_due(self, lease_s: int, limit: int) -> list[Session]:
         """Claim up to `limit` due sessions; concurrent callers get disjoint sets."""
         rows = await self._rpc(
             "claim_sessions", {"p_owner": self.owner, "p_lease_s": lease_s, "p_limit": limit}
         )
-        return [session_from_row(r) for r in rows]
+        return await self._sessions(rows)
 
     async def renew(self, s: Session, lease_s: int) -> Session:
         """Extend this process's lease on a claimed session."""
@@ -106,13 +115,17 @@ class SandboxStore:
 
     # -- transitions (compare-and-set on the epoch) ----------------------------------------
 
-    async def begin_provision(self, s: Session, max_lifetime_s: int) -> Session:
-        """requested/provisioning -> provisioning; sets the hard deadline of the new machine."""
+    async def begin_provision(
+        self, s: Session, max_lifetime_s: int, max_live_per_user: int = 0
+    ) -> Session:
+        """requested/provisioning -> provisioning (sets the hard deadline of the new machine),
+        or -> failed when the owner already has `max_live_per_user` live sandboxes."""
         return await self._cas(
             "sandbox_begin_provision",
             s,
-            SandboxState.PROVISIONING,
-            {"p_max_lifetime_s": max_lifetime_s},
+            None,
+            {"p_max_lifetime_s": max_lifetime_s, "p_max_live_per_user": max_live_per_user},
+            check=lambda row: row.state in {SandboxState.PROVISIONING, SandboxState.FAILED},
         )
 
     async def set_machine(self, s: Session, machine_id: str, region: str) -> Session:
@@ -163,12 +176,49 @@ class SandboxStore:
     # -- reads and the audit ----------------------------------------------------------------
 
     async def record_event(
-        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+        self,
+        session_id: str,
+        incarnation: str | None,
+        epoch: int | None,
+        event: str,
+        detail: Mapping[str, Any],
     ) -> None:
-        """Append to sandbox_events (the dashboard history of every sandbox)."""
+        """Append to sandbox_events (the dashboard history of every sandbox), readable by the
+        owner of that incarnation only."""
         await self._rpc(
             "sandbox_record_event",
-            {"p_session_id": session_id, "p_epoch": epoch, "p_event": event, "p_detail": detail},
+            {
+                "p_session_id": session_id,
+                "p_incarnation": incarnation,
+                "p_epoch": epoch,
+                "p_event": event,
+                "p_detail": detail,
+            },
+        )
+
+    async def claim_tombstones(
+        self, lease_s: int, limit: int, session_id: str | None = None
+    ) -> list[Tombstone]:
+        """Deleted incarnations whose machines are still to be destroyed (of one session, when
+        given); concurrent callers get disjoint sets."""
+        rows = await self._rpc(
+            "claim_tombstones",
+            {
+                "p_owner": self.owner,
+                "p_lease_s": lease_s,
+                "p_limit": limit,
+                "p_session_id": session_id,
+            },
+        )
+        return [tombstone_from_row(r) for r in rows]
+
+    async def bury(self, tombstone: Tombstone) -> bool:
+        """Forget a tombstone whose machines are destroyed; False if no longer held."""
+        return (
+            await self._call(
+                "sandbox_bury", {"p_incarnation": tombstone.incarnation, "p_owner": self.owner}
+            )
+            is True
         )
 
     async def sessions_by_ids(self, ids: Sequence[str]) -> dict[str, Session]:
@@ -176,12 +226,12 @@ class SandboxStore:
         if not ids:
             return {}
         rows = await self._rpc("sandbox_sessions_by_ids", {"p_ids": list(ids)})
-        return {s.id: s for s in map(session_from_row, rows)}
+        return {s.id: s for s in await self._sessions(rows)}
 
     async def live_sessions(self, limit: int = 10000) -> list[Session]:
         """Rows in provisioning, ready or stopping."""
         rows = await self._rpc("sandbox_live_sessions", {"p_limit": limit})
-        return [session_from_row(r) for r in rows]
+        return await self._sessions(rows)
 
     async def due_sessions(self, limit: int = 100) -> list[Session]:
         """Rows due for attention now, without claiming them (for dry runs)."""
@@ -189,14 +239,14 @@ class SandboxStore:
         response = await self._select(
             lambda q: q.lte("sandbox_due_at", now).order("sandbox_due_at").limit(limit)
         )
-        return [session_from_row(r) for r in response]
+        return await self._sessions(response)
 
     async def recent_sessions(self, limit: int = 50) -> list[Session]:
         """Live rows first, then the most recent others (for `status`)."""
         live = await self.live_sessions(limit)
         recent = await self._select(lambda q: q.order("created_at", desc=True).limit(limit))
         seen = {s.id for s in live}
-        rest = [s for s in map(session_from_row, recent) if s.id not in seen]
+        rest = [s for s in await self._sessions(recent) if s.id not in seen]
         return (live + rest)[:limit]
 
     # -- the command queue ------------------------------------------------------------------
@@ -232,6 +282,7 @@ class SandboxStore:
                 "p_stdout_truncated": outcome.stdout_truncated,
                 "p_stderr_truncated": outcome.stderr_truncated,
                 "p_error": outcome.error,
+                "p_output_replaced": outcome.output_replaced,
             },
         )
         return bool(rows)
@@ -262,6 +313,41 @@ class SandboxStore:
         """Give a named lease up (on shutdown) so another replica takes over at once."""
         await self._call("release_listener_lease", {"p_name": name, "p_owner": self.owner})
 
+    # -- rows that cannot be read ---------------------------------------------------------
+
+    async def _sessions(self, rows: Sequence[Row]) -> list[Session]:
+        """Parse each row on its own: one unreadable row never hides the others; it is failed
+        for good with a sentence (when this store repairs), and kept in `unreadable`."""
+        sessions: list[Session] = []
+        for row in rows:
+            try:
+                sessions.append(session_from_row(row))
+            except StoreError as exc:
+                await self._unreadable(row, str(exc))
+        return sessions
+
+    async def _unreadable(self, row: Row, problem: str) -> None:
+        try:
+            bad = UnreadableRow(str(uuid.UUID(str(row["id"]))), int(row["sandbox_epoch"]), problem)
+        except (KeyError, ValueError, TypeError):
+            log.error("session_row_unparseable", problem=problem)  # no id: nothing to fail
+            return
+        self.unreadable.append(bad)
+        log.warning("session_row_unreadable", session_id=bad.id, problem=problem)
+        if not self._fail_unreadable:
+            return
+        message = (
+            f"The listener could not read this session ({problem}); it will not get a sandbox. "
+            "Start a new session."
+        )
+        try:  # a CAS on the epoch it was read at: never fails a row someone has since changed
+            await self._rpc(
+                "sandbox_fail_unreadable",
+                {"p_id": bad.id, "p_epoch": bad.epoch, "p_error": message},
+            )
+        except StoreError as exc:
+            log.warning("session_row_fail_failed", session_id=bad.id, error=str(exc))
+
     # -- plumbing -------------------------------------------------------------------------
 
     async def _cas(
@@ -277,7 +363,10 @@ class SandboxStore:
         rows = await self._rpc(fn, {"p_id": s.id, "p_epoch": s.epoch, **args})
         if not rows:
             raise SessionGoneError(s.id, s.epoch)
-        now = session_from_row(rows[0])
+        parsed = await self._sessions(rows[:1])
+        if not parsed:
+            raise ClaimLostError(s.id, s.epoch)  # unreadable now: failed, not ours to go on with
+        now = parsed[0]
         applied = now.epoch == s.epoch and (target is None or now.state is target)
         if must_hold:
             applied = applied and now.claimed_by == self.owner
@@ -352,6 +441,7 @@ def session_from_row(row: Row) -> Session:
     try:
         return Session(
             id=str(row["id"]),
+            incarnation=str(row["sandbox_incarnation"]),
             user_id=str(row["user_id"]),
             status=SessionStatus(row["status"]),
             state=SandboxState(row["sandbox_state"]),
@@ -375,7 +465,19 @@ def session_from_row(row: Row) -> Session:
             idle_warning_at=_ts(row.get("sandbox_idle_warning_at")),
         )
     except (KeyError, ValueError, TypeError) as exc:
-        raise StoreError(f"unexpected coding_sessions row shape: {exc!r}") from exc
+        raise StoreError(f"unreadable coding_sessions row: {clip(str(exc))}") from exc
+
+
+def tombstone_from_row(row: Row) -> Tombstone:
+    """Parse a sandbox_tombstones row."""
+    try:
+        return Tombstone(
+            incarnation=str(row["incarnation"]),
+            session_id=str(row["session_id"]),
+            sandbox_id=row.get("sandbox_id"),
+        )
+    except KeyError as exc:
+        raise StoreError(f"unreadable sandbox_tombstones row: {exc!r}") from exc
 
 
 def command_from_row(row: Row) -> Command:
@@ -395,4 +497,15 @@ def command_from_row(row: Row) -> Command:
 
 
 def _ts(value: object) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else None
+    """A timestamp column: null is None; anything else must be a real time (PostgREST sends
+    'infinity' and years past 9999 as text Python cannot hold: those rows are unreadable)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"timestamp {clip(repr(value))} is not text")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"timestamp {clip(repr(value))} is not a time the listener can use"
+        ) from None

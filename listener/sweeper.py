@@ -57,7 +57,12 @@ class SweepRepo(Protocol):
     ) -> Session | None: ...
     async def mark_failed(self, s: Session, error: str, retry_after_s: float | None) -> Session: ...
     async def record_event(
-        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+        self,
+        session_id: str,
+        incarnation: str | None,
+        epoch: int | None,
+        event: str,
+        detail: Mapping[str, Any],
     ) -> None: ...
 
 
@@ -124,7 +129,7 @@ class Sweeper:
 
     async def _apply(self, action: SweepAction) -> int:
         match action:
-            case DestroyOrphan(machine_id, session_id, reason):
+            case DestroyOrphan(machine_id, session_id, reason, incarnation):
                 await self.fly.destroy(machine_id, force=True)
                 self.metrics.orphans_destroyed.inc()
                 self.metrics.sweep_actions.labels(action="destroy_orphan").inc()
@@ -134,6 +139,7 @@ class Sweeper:
                 if session_id:
                     await self.store.record_event(
                         session_id,
+                        incarnation if incarnation and _is_uuid(incarnation) else None,
                         None,
                         "orphan_destroyed",
                         {"machine_id": machine_id, "reason": reason},
@@ -171,7 +177,11 @@ class Sweeper:
             "sandbox_lost", session_id=session_id, machine_id=machine_id, state=row.state.value
         )
         await self.store.record_event(
-            session_id, row.epoch, "sandbox_lost", {"machine_id": machine_id, "error": message}
+            session_id,
+            row.incarnation,
+            row.epoch,
+            "sandbox_lost",
+            {"machine_id": machine_id, "error": message},
         )
         return 1
 

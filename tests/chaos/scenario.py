@@ -33,7 +33,12 @@ NO_FAULTS = dict.fromkeys(FAULTS, 0.0)
 EMULATOR_RATES: dict[str, Any] = {"action_rate_per_s": 50.0, "action_burst": 50}
 # Listener settings on top of the e2e harness's fast intervals: machines younger than the orphan
 # grace are never reaped, so a short grace lets the audit run soon after the faults stop.
-LISTENER_SETTINGS = {"FLY_RATE_PER_S": "50", "FLY_BURST": "50", "LISTENER_ORPHAN_GRACE_S": "5"}
+LISTENER_SETTINGS = {
+    "FLY_RATE_PER_S": "50",
+    "FLY_BURST": "50",
+    "LISTENER_ORPHAN_GRACE_S": "5",
+    "SANDBOX_MAX_LIVE_PER_USER": "0",  # one chaos user owns every session
+}
 SWEEP_INTERVAL_S = 1.0  # the e2e harness's LISTENER_SWEEP_INTERVAL_S
 GONE = ("destroying", "destroyed")
 

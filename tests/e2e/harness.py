@@ -39,6 +39,7 @@ FAST = {
     "FLY_GET_BURST": "1000",
     "LISTENER_RETRY_MAX_S": "2",
     "SANDBOX_IMAGE": "registry.fly.io/sandbox:test",
+    "SANDBOX_MAX_LIVE_PER_USER": "0",  # one test user often owns dozens of sessions
     "LOG_LEVEL": "warning",
     "LOG_FORMAT": "json",
 }

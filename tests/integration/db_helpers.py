@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -16,6 +19,8 @@ from listener.local.postgres import EmbeddedPostgres
 
 Row = dict[str, Any]
 API_ROLES = ("anon", "authenticated", "service_role")
+THREADS = 8
+BARRIER_TIMEOUT_S = 10.0
 
 
 @contextmanager
@@ -90,6 +95,37 @@ def truncate_sandbox_tables(db: psycopg.Connection[DictRow]) -> None:
     """Empty every table the sandbox migrations own (for tests that look at a whole table)."""
     db.execute("set lock_timeout = '5s'")
     db.execute(
-        "truncate coding_sessions, sandbox_commands, sandbox_events, listener_leases"
+        "truncate coding_sessions, sandbox_commands, sandbox_events, listener_leases,"
+        " sandbox_tombstones"
         " restart identity cascade"
     )
+
+
+def svc(api: psycopg.Connection[DictRow], function: str, *args: Any) -> tuple[list[Row], datetime]:
+    """Call a listener function as service_role; returns its rows and the transaction's now()."""
+    with as_role(api, "service_role"):
+        rows = call(api, function, *args)
+        now = api.execute("select now() as now").fetchone()
+    assert now is not None
+    return rows, now["now"]
+
+
+def svc_one(api: psycopg.Connection[DictRow], function: str, *args: Any) -> tuple[Row, datetime]:
+    rows, now = svc(api, function, *args)
+    assert len(rows) == 1, rows
+    return rows[0], now
+
+
+def in_threads(
+    work: Callable[[psycopg.Connection[DictRow], int], Any], postgres: EmbeddedPostgres
+) -> list[Any]:
+    """Run work(conn, i) in THREADS threads, each on its own connection, released together."""
+    barrier = threading.Barrier(THREADS, timeout=BARRIER_TIMEOUT_S)
+
+    def run(i: int) -> Any:
+        with api_connection(postgres) as conn:
+            barrier.wait()
+            return work(conn, i)
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(run, range(THREADS)))

@@ -46,6 +46,7 @@ SPEC = MachineSpec("iad", "shared", 1, 1024)
 def session(**kw: Any) -> Session:
     base = Session(
         "s1",
+        "inc-s1",
         "u1",
         SessionStatus.ACTIVE,
         SandboxState.REQUESTED,
@@ -153,7 +154,9 @@ class FakeStore:
             raise StoreError("release: connection refused")
         return self._step("release", claimed_by=None)
 
-    async def begin_provision(self, s: Session, max_lifetime_s: int) -> Session:
+    async def begin_provision(
+        self, s: Session, max_lifetime_s: int, max_live_per_user: int = 0
+    ) -> Session:
         return self._step("begin_provision", state=SandboxState.PROVISIONING, attempts=1)
 
     async def set_machine(self, s: Session, machine_id: str, region: str) -> Session:
@@ -176,7 +179,12 @@ class FakeStore:
         return self._step("mark_destroyed", state=SandboxState.DESTROYED, claimed_by=None)
 
     async def record_event(
-        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+        self,
+        session_id: str,
+        incarnation: str | None,
+        epoch: int | None,
+        event: str,
+        detail: Mapping[str, Any],
     ) -> None:
         self.calls.append(f"event:{event}")
         if self.fail_events:
@@ -284,7 +292,12 @@ class SweepStore:
         return s
 
     async def record_event(
-        self, session_id: str, epoch: int | None, event: str, detail: Mapping[str, Any]
+        self,
+        session_id: str,
+        incarnation: str | None,
+        epoch: int | None,
+        event: str,
+        detail: Mapping[str, Any],
     ) -> None:
         self.events.append(event)
 

@@ -12,7 +12,9 @@ from listener.models import SandboxState, Session, SessionStatus
 
 
 def row(session_id: str) -> Session:
-    return Session(session_id, "u", SessionStatus.ACTIVE, SandboxState.REQUESTED, epoch=1)
+    return Session(
+        session_id, f"inc-{session_id}", "u", SessionStatus.ACTIVE, SandboxState.REQUESTED, epoch=1
+    )
 
 
 class Recorder:

@@ -274,7 +274,7 @@ async def test_one_malformed_field_costs_that_field_not_the_machine_or_the_list(
     now = datetime(2024, 5, 2, tzinfo=UTC)
     policy = Policy.from_settings(Settings.from_env(SETTINGS_ENV))
     reconcile(machines.values(), {}, [], now, policy)  # the sweeper's arithmetic holds up
-    pick_machine(machines.values())
+    pick_machine(machines.values(), "inc")
 
 
 async def test_a_machine_without_a_usable_id_is_skipped_and_logged_not_the_list(

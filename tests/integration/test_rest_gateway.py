@@ -966,7 +966,13 @@ async def test_listener_functions_over_rpc(
     assert [r["id"] for r in by_ids.data] == [session["id"]]
     event = await service.rpc(
         "sandbox_record_event",
-        {"p_session_id": session["id"], "p_epoch": 1, "p_event": "rest_test", "p_detail": {"a": 1}},
+        {
+            "p_session_id": session["id"],
+            "p_incarnation": session["sandbox_incarnation"],
+            "p_epoch": 1,
+            "p_event": "rest_test",
+            "p_detail": {"a": 1},
+        },
     ).execute()
     assert (event.data["event"], event.data["detail"]) == ("rest_test", {"a": 1})
     with pytest.raises(APIError) as exc:

@@ -12,7 +12,7 @@ from listener.scanner import Scanner
 
 
 def row(n: int) -> Session:
-    return Session(f"s{n}", "u", SessionStatus.ACTIVE, SandboxState.REQUESTED, epoch=1)
+    return Session(f"s{n}", f"inc-{n}", "u", SessionStatus.ACTIVE, SandboxState.REQUESTED, epoch=1)
 
 
 class DueStore:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,12 +17,13 @@ from tests.integration.db_helpers import (
     as_role,
     call,
     get_session,
+    in_threads,
     insert_session,
+    svc,
+    svc_one,
 )
 
 Conn = psycopg.Connection[DictRow]
-THREADS = 8
-BARRIER_TIMEOUT_S = 10.0
 LEASE_S = 30
 CAS_FUNCTIONS = [
     ("sandbox_renew_lease", (60,)),
@@ -39,21 +37,6 @@ CAS_FUNCTIONS = [
 ]
 
 
-def svc(api: Conn, function: str, *args: Any) -> tuple[list[Row], datetime]:
-    """Call a listener function as service_role; returns its rows and the transaction's now()."""
-    with as_role(api, "service_role"):
-        rows = call(api, function, *args)
-        now = api.execute("select now() as now").fetchone()
-    assert now is not None
-    return rows, now["now"]
-
-
-def svc_one(api: Conn, function: str, *args: Any) -> tuple[Row, datetime]:
-    rows, now = svc(api, function, *args)
-    assert len(rows) == 1, rows
-    return rows[0], now
-
-
 def expire_lease(db: Conn, session_id: uuid.UUID) -> None:
     """Move the claim's lease into the past, as if its holder had died."""
     db.execute(
@@ -61,19 +44,6 @@ def expire_lease(db: Conn, session_id: uuid.UUID) -> None:
         " where id = %s",
         (session_id,),
     )
-
-
-def in_threads(work: Callable[[Conn, int], Any], postgres: EmbeddedPostgres) -> list[Any]:
-    """Run work(conn, i) in THREADS threads, each on its own connection, released together."""
-    barrier = threading.Barrier(THREADS, timeout=BARRIER_TIMEOUT_S)
-
-    def run(i: int) -> Any:
-        with api_connection(postgres) as conn:
-            barrier.wait()
-            return work(conn, i)
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        return list(pool.map(run, range(THREADS)))
 
 
 # -- triggers ----------------------------------------------------------------------------------
@@ -155,8 +125,8 @@ def test_expires_at_follows_last_activity_and_never_passes_the_deadline(
     )
     assert row["sandbox_expires_at"] == row["sandbox_due_at"] == base + timedelta(seconds=600)
 
-    def keepalive(at: datetime) -> Row:
-        with as_role(api, "authenticated", owner):
+    def keepalive(at: datetime) -> Row:  # service_role: owners may not send future times
+        with as_role(api, "service_role"):
             moved = api.execute(
                 "update coding_sessions set last_activity_at = %s where id = %s"
                 " returning sandbox_expires_at, sandbox_due_at",
@@ -663,8 +633,8 @@ def test_release_hands_the_session_back_at_once(db: Conn, api: Conn, owner: uuid
 def test_record_event_returns_the_inserted_row(api: Conn) -> None:
     session_id = uuid.uuid4()
     with as_role(api, "service_role"):
-        (first,) = call(api, "sandbox_record_event", session_id, 3, "machine_created")
-        (second,) = call(api, "sandbox_record_event", session_id, None, "sandbox_lost", None)
+        (first,) = call(api, "sandbox_record_event", session_id, None, 3, "machine_created")
+        (second,) = call(api, "sandbox_record_event", session_id, None, None, "sandbox_lost", None)
     assert (first["session_id"], first["epoch"], first["event"]) == (
         session_id,
         3,

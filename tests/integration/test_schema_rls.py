@@ -33,7 +33,7 @@ LISTENER_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("sandbox_mark_failed", (uuid.uuid4(), 1, "boom", None)),
     ("sandbox_begin_stop", (uuid.uuid4(), 1, "ended")),
     ("sandbox_mark_destroyed", (uuid.uuid4(), 1)),
-    ("sandbox_record_event", (uuid.uuid4(), 1, "probe", Jsonb({}))),
+    ("sandbox_record_event", (uuid.uuid4(), uuid.uuid4(), 1, "probe", Jsonb({}))),
     ("sandbox_sessions_by_ids", ([uuid.uuid4()],)),
     ("sandbox_live_sessions", (10,)),
     ("take_listener_lease", ("sweeper-" + uuid.uuid4().hex, "owner", 30)),
@@ -217,13 +217,12 @@ def test_owner_deletes_own_session_but_not_another_users(
 def test_owner_reads_events_of_own_sessions_only(
     db: Conn, api: Conn, owner: uuid.UUID, other: uuid.UUID
 ) -> None:
-    mine = insert_session(db, owner)["id"]
-    theirs = insert_session(db, other)["id"]
-    for session_id in (mine, theirs):
-        db.execute(
-            "insert into sandbox_events (session_id, epoch, event) values (%s, 1, 'probe')",
-            (session_id,),
-        )
+    mine = insert_session(db, owner)
+    theirs = insert_session(db, other)
+    with as_role(api, "service_role"):
+        for row in (mine, theirs):
+            call(api, "sandbox_record_event", row["id"], row["sandbox_incarnation"], 1, "probe")
+    mine, theirs = mine["id"], theirs["id"]
     with as_role(api, "authenticated", owner):
         seen = {row["session_id"] for row in api.execute("select session_id from sandbox_events")}
     assert mine in seen
@@ -246,13 +245,25 @@ def test_owner_cannot_write_events(db: Conn, api: Conn, owner: uuid.UUID, statem
 
 
 def test_events_survive_a_deleted_session(db: Conn, api: Conn, owner: uuid.UUID) -> None:
-    session_id = insert_session(db, owner)["id"]
+    row = insert_session(db, owner)
+    session_id = row["id"]
     with as_role(api, "service_role"):
-        call(api, "sandbox_record_event", session_id, 1, "sandbox_ready", Jsonb({}))
+        call(
+            api,
+            "sandbox_record_event",
+            session_id,
+            row["sandbox_incarnation"],
+            1,
+            "sandbox_ready",
+            Jsonb({}),
+        )
     with as_role(api, "authenticated", owner):
         api.execute("delete from coding_sessions where id = %s", (session_id,))
     rows = db.execute("select event from sandbox_events where session_id = %s", (session_id,))
     assert [row["event"] for row in rows] == ["sandbox_ready"]
+    with as_role(api, "authenticated", owner):  # still the owner's history
+        seen = api.execute("select event from sandbox_events where session_id = %s", (session_id,))
+        assert [r["event"] for r in seen] == ["sandbox_ready"]
 
 
 # -- sandbox_commands --------------------------------------------------------------------------
@@ -450,7 +461,16 @@ def test_anon_and_authenticated_hold_only_the_listed_privileges(db: Conn) -> Non
             " where attrelid = 'coding_sessions'::regclass and attnum > 0 and not attisdropped"
         )
     )
-    event_columns = ["created_at", "detail", "epoch", "event", "id", "session_id"]
+    event_columns = [
+        "created_at",
+        "detail",
+        "epoch",
+        "event",
+        "id",
+        "incarnation",
+        "session_id",
+        "user_id",
+    ]
     command_columns = sorted(
         row["attname"]
         for row in db.execute(
@@ -460,8 +480,7 @@ def test_anon_and_authenticated_hold_only_the_listed_privileges(db: Conn) -> Non
     )
     assert granted == {
         ("authenticated", "coding_sessions", "SELECT"): session_columns,
-        ("authenticated", "coding_sessions", "INSERT"): [
-            "id",
+        ("authenticated", "coding_sessions", "INSERT"): [  # never a key: the server makes those
             "last_activity_at",
             "requested_cpus",
             "requested_memory_mb",
@@ -474,7 +493,6 @@ def test_anon_and_authenticated_hold_only_the_listed_privileges(db: Conn) -> Non
         ("authenticated", "sandbox_commands", "SELECT"): command_columns,
         ("authenticated", "sandbox_commands", "INSERT"): [
             "command",
-            "id",
             "session_id",
             "stdin",
             "timeout_s",

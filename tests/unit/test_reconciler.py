@@ -47,7 +47,9 @@ from listener.reconciler import (
     reconcile,
     refuse_command,
     retry_delay_s,
+    storable,
     truncate,
+    unstored_outcome,
 )
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -70,6 +72,7 @@ SPEC = MachineSpec(region="iad", cpu_kind="shared", cpus=1, memory_mb=1024)
 def session(**kw: object) -> Session:
     base = Session(
         id="s1",
+        incarnation="inc-s1",
         user_id="u1",
         status=SessionStatus.ACTIVE,
         state=SandboxState.REQUESTED,
@@ -229,10 +232,12 @@ def machine(
     epoch: int = 3,
     age_s: float = 600,
     state: MachineState = MachineState.STARTED,
+    incarnation: str | None = None,
 ) -> Machine:
     meta = {"managed_by": "sandbox-listener", "epoch": str(epoch)}
     if session_id:
         meta["session_id"] = session_id
+        meta["incarnation"] = incarnation or f"inc-{session_id}"
     return Machine(
         id=mid, state=state, region="iad", instance_id="i", metadata=meta, created_at=ago(age_s)
     )
@@ -248,7 +253,7 @@ READY = session(state=SandboxState.READY, sandbox_id="m1", epoch=3)
         pytest.param(
             [machine("m9", "gone")],
             {},
-            [DestroyOrphan("m9", "gone", "session missing")],
+            [DestroyOrphan("m9", "gone", "session missing", "inc-gone")],
             id="session-missing->destroy",
         ),
         pytest.param(
@@ -260,20 +265,35 @@ READY = session(state=SandboxState.READY, sandbox_id="m1", epoch=3)
         pytest.param(
             [machine("m1", "s1")],
             {"s1": replace(READY, state=SandboxState.DESTROYED)},
-            [DestroyOrphan("m1", "s1", "session destroyed")],
+            [DestroyOrphan("m1", "s1", "session destroyed", "inc-s1")],
             id="final-session->destroy",
         ),
         pytest.param(
             [machine("m1", "s1")],
             {"s1": replace(READY, state=SandboxState.FAILED)},
-            [DestroyOrphan("m1", "s1", "session failed")],
+            [DestroyOrphan("m1", "s1", "session failed", "inc-s1")],
             id="failed-session->destroy",
         ),
         pytest.param(
             [machine("m1", "s1"), machine("m0", "s1", epoch=2)],
             {"s1": READY},
-            [DestroyOrphan("m0", "s1", "older epoch")],
+            [DestroyOrphan("m0", "s1", "older epoch", "inc-s1")],
             id="superseded-attempt->destroy",
+        ),
+        pytest.param(
+            [machine("m1", "s1"), machine("mA", "s1", epoch=9, incarnation="inc-earlier")],
+            {"s1": READY},
+            [DestroyOrphan("mA", "s1", "other incarnation", "inc-earlier")],
+            id="earlier-incarnation-of-a-reused-id->destroy-whatever-its-epoch",
+        ),
+        pytest.param(
+            [machine("m1", "s1", incarnation="inc-earlier")],
+            {"s1": READY},
+            [
+                DestroyOrphan("m1", "s1", "other incarnation", "inc-earlier"),
+                RecoverLost("s1", "m1"),
+            ],
+            id="recorded-id-but-other-incarnation->destroy",
         ),
         pytest.param(
             [machine("m1", "s1"), machine("m2", "s1", epoch=3)],
@@ -314,9 +334,17 @@ def test_pick_machine_keeps_the_newest_epoch_and_tolerates_missing_timestamps() 
     new = machine("m1", "s1", epoch=3)
     undated = replace(machine("m2", "s1", epoch=3), created_at=None)
     gone = machine("m3", "s1", epoch=9, state=MachineState.DESTROYED)
-    keep, extras = pick_machine([old, undated, gone, new])
+    keep, extras = pick_machine([old, undated, gone, new], "inc-s1")
     assert keep == new and extras == [undated, old]
-    assert pick_machine([gone]) == (None, [])
+    assert pick_machine([gone], "inc-s1") == (None, [])
+
+
+def test_pick_machine_never_picks_another_incarnation_of_the_same_session_id() -> None:
+    """The takeover: user A's machine (epoch 2) and user B's row reusing A's session id."""
+    of_user_a = machine("mA", "s1", epoch=2, incarnation="inc-user-a")
+    assert pick_machine([of_user_a], "inc-user-b") == (None, [])
+    of_user_b = machine("mB", "s1", epoch=1, incarnation="inc-user-b")
+    assert pick_machine([of_user_a, of_user_b], "inc-user-b") == (of_user_b, [])
 
 
 def test_reconcile_ignores_provisioning_rows_without_machine() -> None:
@@ -405,3 +433,49 @@ def test_command_failures_say_what_happened() -> None:
     gone = command_failure(FlyNotFoundError("machine not found", status=404), cmd())
     assert gone.status is CommandStatus.FAILED
     assert gone.error and "could not run the command" in gone.error
+
+
+# -- output that Postgres text cannot hold ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored", "replaced"),
+    [
+        ("plain é", "plain é", False),
+        ("a\x00b", "a\ufffdb", True),
+        ("lone \ud800 surrogate", "lone \ufffd surrogate", True),
+        ("pair \U0001f600 kept", "pair \U0001f600 kept", False),
+    ],
+)
+def test_storable_replaces_only_what_text_cannot_hold(
+    raw: str, stored: str, replaced: bool
+) -> None:
+    assert storable(raw) == (stored, replaced)
+
+
+def test_a_nul_in_output_keeps_the_exit_code_and_says_it_was_replaced() -> None:
+    outcome = command_outcome(ExecResult(exit_code=3, stdout="a\x00b", stderr="ok"), 1024)
+    assert (outcome.status, outcome.exit_code, outcome.stdout) == (
+        CommandStatus.FAILED,
+        3,
+        "a\ufffdb",
+    )
+    assert outcome.output_replaced and not outcome.stdout_truncated
+
+
+def test_truncation_flags_from_the_exec_stream_are_kept() -> None:
+    result = ExecResult(exit_code=0, stdout="x" * 10, stdout_truncated=True)
+    assert command_outcome(result, 1024).stdout_truncated
+
+
+def test_an_unstored_outcome_keeps_the_exit_code_and_a_true_reason() -> None:
+    outcome = command_outcome(ExecResult(exit_code=7, stdout="out"), 1024)
+    fallback = unstored_outcome(outcome, RuntimeError("22P05 " + "x" * 1000))
+    assert (fallback.exit_code, fallback.stdout, fallback.stderr) == (7, None, None)
+    assert fallback.error is not None and "could not be stored" in fallback.error
+    assert len(fallback.error) < 400
+
+
+def test_a_huge_requested_region_is_clipped_in_the_error() -> None:
+    error = machine_spec(session(requested_region="x" * 200_000), POLICY)
+    assert isinstance(error, str) and len(error) < 300 and "…" in error

@@ -70,7 +70,7 @@ async def assemble(settings: Settings, *, owner: str | None = None) -> AsyncIter
             settings.supabase_service_role_key.get_secret_value(),
             supabase_http,
         )
-        store = SandboxStore(supabase, owner or new_owner_id())
+        store = SandboxStore(supabase, owner or new_owner_id(), metrics=metrics)
         controller = Controller(
             fly,
             store,

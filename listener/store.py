@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -32,6 +32,9 @@ from listener.models import (
     UnreadableRow,
     clip,
 )
+
+if TYPE_CHECKING:
+    from listener.metrics import Metrics
 
 log = structlog.get_logger(component="store")
 
@@ -77,10 +80,12 @@ class SandboxStore:
         max_attempts: int = 4,
         wait: WaitBaseT | None = None,
         fail_unreadable: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self._client = client
         self.owner = owner
         self._fail_unreadable = fail_unreadable
+        self._metrics = metrics
         self.unreadable: list[UnreadableRow] = []  # rows met that could not be parsed
         self._max_attempts = max_attempts
         self._wait = wait or (wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1))
@@ -341,10 +346,9 @@ class SandboxStore:
             "Start a new session."
         )
         try:  # a CAS on the epoch it was read at: never fails a row someone has since changed
-            await self._rpc(
-                "sandbox_fail_unreadable",
-                {"p_id": bad.id, "p_epoch": bad.epoch, "p_error": message},
-            )
+            args = {"p_id": bad.id, "p_epoch": bad.epoch, "p_error": message}
+            if await self._rpc("sandbox_fail_unreadable", args) and self._metrics:
+                self._metrics.session_failed("unreadable")
         except StoreError as exc:
             log.warning("session_row_fail_failed", session_id=bad.id, error=str(exc))
 

@@ -315,7 +315,7 @@ class RestGateway:
             return Response(headers={"allow": ",".join(RPC_METHODS)})
         if method not in RPC_METHODS:
             raise RestError(405, "PGRST101", f"Cannot use the {method} method on RPC")
-        identity, q, prefs, single = _prepare(request, self._auth)
+        identity, q, prefs, single = _prepare(request, self._auth, rpc_read=method != "POST")
         range_header = request.headers.get("range")
         lower, limit = rest_query.page_bounds(q, range_header)
         count = prefs.count is not None
@@ -392,17 +392,17 @@ class RestGateway:
 
 
 def _prepare(
-    request: Request, auth: Authenticator
+    request: Request, auth: Authenticator, *, rpc_read: bool = False
 ) -> tuple[Identity, QueryParams, Preferences, bool]:
     """What every data request needs first: identity, parsed query, preferences, media type."""
     identity = auth.identity(request)
     headers = request.headers
     rest_query.check_profile(headers.get("accept-profile"), headers.get("content-profile"))
     single = rest_query.wants_single_object(headers.get("accept"))
-    items = [(k, v) for k, v in request.query_params.multi_items() if k != "apikey"]
+    items = rest_query.query_items(request.scope["query_string"])
     return (
         identity,
-        rest_query.parse_query(items),
+        rest_query.parse_query([(k, v) for k, v in items if k != "apikey"], rpc_read=rpc_read),
         rest_query.parse_prefer(headers.getlist("prefer")),
         single,
     )

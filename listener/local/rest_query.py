@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from listener.local import rest_errors
 from listener.local.rest_errors import RestError
@@ -35,6 +36,14 @@ OPERATORS = {
     "isdistinct": "IS DISTINCT FROM",
 }
 QUANTIFIABLE = frozenset({"eq", "gt", "gte", "lt", "lte", "like", "ilike", "match", "imatch"})
+# The order PostgREST's parser tries them in (QueryParams.hs), which decides where it fails.
+SIMPLE_OPERATORS = ("neq", "cs", "cd", "ov", "sl", "sr", "nxr", "nxl", "adj")
+QUANT_OPERATORS = ("eq", "gte", "gt", "lte", "lt", "like", "ilike", "match", "imatch")
+OPERATOR_LABEL = "operator (eq, gt, ...)"
+IS_LABEL = "isVal: (null, not_null, true, false, unknown)"
+# Values that commit PostgREST's operator parser: past them a failure is an error, even where a
+# plain value would be an RPC argument.
+COMMITTING_PREFIXES = ("not.", "in.", "is.")
 FTS_FUNCTIONS = {
     "fts": "to_tsquery",
     "plfts": "plainto_tsquery",
@@ -127,19 +136,15 @@ class _Cursor:
 
     def expect(self, literal: str) -> None:
         if not self.take(literal):
-            raise self.fail(f'expecting "{literal}"')
+            raise self.fail(f'"{literal}"')
 
     def skip_spaces(self) -> None:
         while self.peek() in (" ", "\t") and not self.done():
             self.pos += 1
 
-    def fail(self, details: str) -> RestError:
-        """PGRST100 pointing at the current position (raise it)."""
-        found = self.peek() or "end of input"
-        return rest_errors.bad_query(
-            f'"failed to parse {self.what}" (column {self.pos + 1})',
-            f"unexpected {found!r} {details}",
-        )
+    def fail(self, expecting: str) -> RestError:
+        """PGRST100 at the current position (raise it)."""
+        return _parse_error(self.what, self.text, self.pos, self.pos, expecting)
 
     def quoted(self) -> str:
         """A double-quoted value; backslash escapes the next character."""
@@ -154,7 +159,7 @@ class _Cursor:
                 char = self.text[self.pos]
                 self.pos += 1
             out.append(char)
-        raise self.fail('expecting closing "')
+        raise self.fail('closing "')
 
     def name(self) -> str:
         """A field name: quoted, or [letters digits _ $ space] runs joined by `-` (not `->`)."""
@@ -167,7 +172,7 @@ class _Cursor:
             while not self.done() and (self.text[self.pos].isalnum() or self.peek() in NAME_CHARS):
                 self.pos += 1
             if self.pos == start:
-                raise self.fail("expecting field name (* or [a..z0..9_$])")
+                raise self.fail("field name (* or [a..z0..9_$])")
             parts.append(self.text[start : self.pos].strip())
             if self.peek() == "-" and self.peek(2) != "->":
                 self.pos += 1
@@ -184,7 +189,7 @@ class _Cursor:
 def _checked_name(name: str, cur: _Cursor) -> str:
     # psycopg reads `%` inside composed SQL as a placeholder, so such names cannot be quoted safely.
     if "%" in name or "\x00" in name:
-        raise cur.fail("(names with '%' or NUL are not supported by the local gateway)")
+        raise cur.fail("a name without '%' or NUL (a limit of the local gateway)")
     return name
 
 
@@ -232,7 +237,7 @@ def parse_names(text: str, what: str) -> tuple[str, ...]:
         names.append(cur.name())
         cur.skip_spaces()
     if not cur.done():
-        raise cur.fail('expecting "," or end of input')
+        raise cur.fail('"," or end of input')
     return tuple(names)
 
 
@@ -259,7 +264,7 @@ def parse_order(text: str) -> tuple[OrderTerm, ...]:
         if cur.done():
             return tuple(terms)
         if not cur.take(","):
-            raise cur.fail('expecting "asc", "desc", "nullsfirst", "nullslast", "," or end')
+            raise cur.fail('"asc", "desc", "nullsfirst", "nullslast", "," or end of input')
 
 
 def _list_value(cur: _Cursor) -> tuple[str, ...]:
@@ -272,7 +277,7 @@ def _list_value(cur: _Cursor) -> tuple[str, ...]:
         if cur.peek() == '"':
             items.append(cur.quoted())
             if cur.peek() not in (",", ")"):
-                raise cur.fail('expecting "," or ")" after a quoted value')
+                raise cur.fail('"," or ")" after a quoted value')
         else:
             items.append(cur.until(",)"))
         if not cur.take(","):
@@ -287,7 +292,7 @@ def _logic_value(cur: _Cursor) -> str:
     if cur.peek() == '"':
         value = cur.quoted()
         if cur.peek() not in (",", ")"):
-            raise cur.fail('expecting "," or ")" after a quoted value')
+            raise cur.fail('"," or ")" after a quoted value')
         return value
     if cur.peek() == "{":
         start = cur.pos
@@ -299,31 +304,113 @@ def _logic_value(cur: _Cursor) -> str:
 
 def _operation(cur: _Cursor, column: str, nested: bool) -> Filter:
     """`[not.]op.value` after the column; `nested` values stop at `,` or `)`."""
+    start = cur.pos
     negate = cur.take("not.")
     if cur.take("in."):
         return Filter(column, "in", values=_list_value(cur), negate=negate)
     if cur.take("is."):
-        word = cur.until(",)" if nested else "").lower()
-        if word not in IS_VALUES:
-            raise cur.fail("expecting null or trilean value (unknown, true, false)")
-        return Filter(column, "is", word, negate=negate)
+        return Filter(column, "is", _is_value(cur), negate=negate)
     op = cur.until(".(")
     quantifier = language = None
-    if cur.peek() == "(":
-        cur.pos += 1
+    if cur.take("("):
         inner = cur.until(")")
-        cur.expect(")")
-        if op in FTS_FUNCTIONS:
-            language = inner
+        if not cur.take(")"):
+            raise _operator_error(cur, start, negate)
+        if op in FTS_FUNCTIONS and inner and all(_is_identifier_char(c) for c in inner):
+            language = inner.strip()
         elif op in QUANTIFIABLE and inner in ("any", "all"):
             quantifier = inner
         else:
-            raise cur.fail(f"unknown operator {op}({inner})")
-    if op not in OPERATORS and op not in FTS_FUNCTIONS:
-        raise cur.fail(f"unknown single value operator {op}")
-    cur.expect(".")
+            raise _operator_error(cur, start, negate)
+    if (op not in OPERATORS and op not in FTS_FUNCTIONS) or not cur.take("."):
+        raise _operator_error(cur, start, negate)
     value = _logic_value(cur) if nested else cur.until("")
     return Filter(column, op, value, negate=negate, quantifier=quantifier, language=language)
+
+
+def _is_value(cur: _Cursor) -> str:
+    """The first IS value the text starts with, any case (PostgREST ignores what follows)."""
+    rest = cur.text[cur.pos :].lower()
+    for word in IS_VALUES:  # in PostgREST's order: null, not_null, true, false, unknown
+        if rest.startswith(word):
+            cur.pos += len(word)
+            return word
+    reach = cur.pos + max(_matched(rest, 0, word) for word in IS_VALUES)
+    raise _parse_error(cur.what, cur.text, reach, reach, IS_LABEL)
+
+
+def _is_identifier_char(char: str) -> bool:
+    """PostgREST's pIdentifierChar (an FTS language): a letter, a digit, `_`, ` ` or `$`."""
+    return char.isalnum() or char in NAME_CHARS
+
+
+def _matched(text: str, start: int, word: str) -> int:
+    """How many characters of `word` the text has at `start`."""
+    n = 0
+    while n < len(word) and text.startswith(word[n], start + n):
+        n += 1
+    return n
+
+
+def _operator_error(cur: _Cursor, start: int, negate: bool) -> RestError:
+    """PGRST100 for `[not.]op.value` at `start` that has no operator, where PostgREST's parser
+    reports it: its alternatives (in, is, isdistinct, fts, simple and quantified operators)
+    are each tried in turn and the error of the one that got furthest wins; a `string` that
+    does not match fails at its own start, naming the first character that differs."""
+    text = cur.text
+    base = start + 4 if negate else start
+    tried = [(base, base + _matched(text, base, "in"))]  # (where it failed, char it names)
+    tried += [
+        (base + len(word), base + len(word))  # the word, then no "." delimiter
+        for word in ("in", "is", "isdistinct")
+        if text.startswith(word, base)
+    ]
+    for words in (tuple(FTS_FUNCTIONS), SIMPLE_OPERATORS, QUANT_OPERATORS):
+        word = next((w for w in words if text.startswith(w, base)), None)
+        if word is not None:
+            tried.append(_past_operator(text, base + len(word), word in FTS_FUNCTIONS))
+    at, found = max(tried, key=lambda t: t[0])  # max keeps the first of equals, as Parsec
+    expecting = [OPERATOR_LABEL]
+    if not negate:  # `not` was tried first, at the start
+        if text.startswith("not", start):
+            tried_not = (start + 3, start + 3, "delimiter (.)")
+        else:
+            tried_not = (start, start + _matched(text, start, "not"), '"not"')
+        if tried_not[0] > at:
+            at, found, expecting = tried_not[0], tried_not[1], [tried_not[2]]
+        elif tried_not[0] == at:
+            found, expecting = tried_not[1], [tried_not[2], OPERATOR_LABEL]
+    return _parse_error(cur.what, text, at, found, " or ".join(expecting))
+
+
+def _past_operator(text: str, end: int, fts: bool) -> tuple[int, int]:
+    """Where an operator's optional `(language)` / `(any|all)` and its `.` fail."""
+    if not text.startswith("(", end):
+        return end, end
+    inner = end + 1
+    if fts:
+        close = inner
+        while close < len(text) and _is_identifier_char(text[close]):
+            close += 1
+        if close == inner:
+            return inner, inner
+    elif text.startswith(("any", "all"), inner):
+        close = inner + 3
+    else:
+        return inner, inner + _matched(text, inner, "any")
+    return (close + 1, close + 1) if text.startswith(")", close) else (close, close)
+
+
+def _parse_error(what: str, text: str, at: int, found: int, expecting: str) -> RestError:
+    """PGRST100 shaped as PostgREST shows a Parsec error: the parser's name and position as the
+    message, `unexpected X expecting Y` as the details."""
+    line = text.count("\n", 0, at) + 1
+    column = at - (text.rfind("\n", 0, at) + 1) + 1
+    shown = json.dumps(text[found], ensure_ascii=False) if found < len(text) else "end of input"
+    return rest_errors.bad_query(
+        f'"failed to parse {what}" (line {line}, column {column})',
+        f"unexpected {shown} expecting {expecting}",
+    )
 
 
 def _logic_tree(cur: _Cursor) -> Filter | Logic:
@@ -357,11 +444,8 @@ def _logic_children(cur: _Cursor) -> tuple[Filter | Logic, ...]:
 def parse_filter(column_key: str, value: str) -> Filter:
     """`column=[not.]op.value` (the key may be a quoted name)."""
     column = _filter_column(column_key)
-    cur = _Cursor(value, f"filter ({value})")
-    flt = _operation(cur, column, nested=False)
-    if not cur.done():
-        raise cur.fail("expecting end of input")
-    return flt
+    # No end-of-input check: PostgREST ignores what follows in.(...) and is.<value>.
+    return _operation(_Cursor(value, f"filter ({value})"), column, nested=False)
 
 
 def parse_logic(key: str, value: str) -> Logic:
@@ -371,7 +455,7 @@ def parse_logic(key: str, value: str) -> Logic:
     cur = _Cursor(value, f"logic tree ({value})")
     logic = Logic(conjunction, _logic_children(cur), negate)
     if not cur.done():
-        raise cur.fail("expecting end of input")
+        raise cur.fail("end of input")
     return logic
 
 
@@ -384,17 +468,20 @@ def _filter_column(key: str) -> str:
             f"filters on embedded resources ({key}) are not supported"
         )
     if not cur.done():
-        raise cur.fail("expecting end of input")
+        raise cur.fail("end of input")
     return column
 
 
-def is_filter_value(value: str) -> bool:
-    """Whether a param's value has an operator (a filter) rather than being an RPC argument."""
-    parts = value.split(".")
-    head = parts[0].split("(")[0]
-    if head == "not":
-        return len(parts) >= 3
-    return head in ("is", "in") or (len(parts) > 1 and (head in OPERATORS or head in FTS_FUNCTIONS))
+def _filter_or_argument(key: str, value: str, rpc_read: bool) -> Filter | None:
+    """The filter `key=value`, or None for an RPC argument: a value PostgREST's operator parser
+    gave up on before committing to it (past `not.`, `in.` or `is.` it is an error)."""
+    column = _filter_column(key)
+    try:
+        return _operation(_Cursor(value, f"filter ({value})"), column, nested=False)
+    except RestError:
+        if rpc_read and not value.startswith(COMMITTING_PREFIXES):
+            return None
+        raise
 
 
 def _non_negative_int(name: str, text: str) -> int:
@@ -414,8 +501,18 @@ def _non_negative_int(name: str, text: str) -> int:
     return number
 
 
-def parse_query(items: Iterable[tuple[str, str]]) -> QueryParams:
-    """Split the query string into select/filters/order/range/columns/on_conflict/RPC args."""
+def query_items(query_string: bytes) -> list[tuple[str, str]]:
+    """The parameters as PostgREST reads them: `&key` with no `=` is no parameter at all."""
+    present = b"&".join(part for part in query_string.split(b"&") if b"=" in part)
+    return parse_qsl(present.decode("latin-1"), keep_blank_values=True)  # as Starlette decodes
+
+
+def parse_query(items: Iterable[tuple[str, str]], *, rpc_read: bool = False) -> QueryParams:
+    """Split the query string into select/filters/order/range/columns/on_conflict/RPC args.
+
+    As in PostgREST, every parameter that is not a reserved one is a filter and must parse as
+    one; only a GET/HEAD RPC call (`rpc_read`) takes a value without an operator as an argument.
+    """
     singles: dict[str, str] = {}
     conditions: list[Filter | Logic] = []
     args: dict[str, str] = {}
@@ -427,8 +524,8 @@ def parse_query(items: Iterable[tuple[str, str]]) -> QueryParams:
             conditions.append(parse_logic(key, value))
         elif "." in key and key.rsplit(".", 1)[-1] in RESERVED | LOGIC:
             raise rest_errors.not_implemented(f"{key} on embedded resources is not supported")
-        elif "." in key or is_filter_value(value):
-            conditions.append(parse_filter(key, value))
+        elif (flt := _filter_or_argument(key, value, rpc_read)) is not None:
+            conditions.append(flt)
         else:
             args.setdefault(key, value)
     select = singles.get("select")

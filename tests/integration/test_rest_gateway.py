@@ -651,6 +651,71 @@ async def test_bad_filter_through_the_client(names: Names, service: AsyncClient)
     assert exc.value.message.startswith('"failed to parse filter (in.1,2)"')
 
 
+async def test_delete_with_an_unknown_operator_is_pgrst100_and_deletes_nothing(
+    stack: StackThread, connect: Connect, service: AsyncClient
+) -> None:
+    attacker = await connect(user=new_user(stack))
+    sessions = [(await attacker.table("coding_sessions").insert({}).execute()).data[0]["id"]]
+    sessions.append((await attacker.table("coding_sessions").insert({}).execute()).data[0]["id"])
+
+    with pytest.raises(APIError) as exc:
+        await attacker.table("coding_sessions").delete().filter("id", "eqq", sessions[0]).execute()
+
+    assert (exc.value.code, exc.value.message, exc.value.details) == (
+        "PGRST100",
+        f'"failed to parse filter (eqq.{sessions[0]})" (line 1, column 3)',
+        'unexpected "q" expecting operator (eq, gt, ...)',
+    )
+    left = await service.table("coding_sessions").select("id").in_("id", sessions).execute()
+    assert sorted(r["id"] for r in left.data) == sorted(sessions)
+
+
+async def test_service_role_delete_with_an_unknown_operator_empties_nothing(
+    names: Names, service: AsyncClient
+) -> None:
+    with pytest.raises(APIError) as exc:
+        await service.table(names.items).delete().filter("id", "eqq", "1").execute()
+    assert exc.value.code == "PGRST100"
+    assert len((await service.table(names.items).select("id").execute()).data) == 4
+
+
+@pytest.mark.parametrize(
+    ("operator", "value"),
+    [("eqq", "1"), ("nope", "1"), ("not.nope", "1"), ("is", "maybe"), ("eq(some)", "{1}")],
+)
+async def test_malformed_filters_on_read_update_and_delete_are_pgrst100(
+    stack: StackThread, names: Names, connect: Connect, operator: str, value: str
+) -> None:
+    owner = await connect(user=new_user(stack))
+    note = (await owner.table(names.notes).insert({"title": "kept"}).execute()).data[0]
+    requests = [
+        owner.table(names.notes).select("*").filter("id", operator, value),
+        owner.table(names.notes).update({"title": "changed"}).filter("id", operator, value),
+        owner.table(names.notes).delete().filter("id", operator, value),
+    ]
+    for request in requests:
+        with pytest.raises(APIError) as exc:
+            await request.execute()
+        assert exc.value.code == "PGRST100"
+        assert exc.value.message.startswith(f'"failed to parse filter ({operator}.{value})"')
+    assert (await owner.table(names.notes).select("title").execute()).data == [
+        {"title": note["title"]}
+    ]
+
+
+async def test_a_parameter_without_an_operator_is_a_filter_on_tables_and_an_argument_on_rpc(
+    names: Names, http: httpx.AsyncClient
+) -> None:
+    body = assert_pgrst_error(await http.delete(f"/{names.items}?id=1"), 400, "PGRST100")
+    assert body["message"] == '"failed to parse filter (1)" (line 1, column 1)'
+    assert (await http.get(f"/rpc/{names('add')}?a=1&b=2")).json() == 3
+    not_an_argument = await http.get(f"/rpc/{names('notes')}?p_min=0&id=eqq.1")
+    assert_pgrst_error(not_an_argument, 404, "PGRST202")
+    assert_pgrst_error(await http.get(f"/rpc/{names('notes')}?id=not.x"), 400, "PGRST100")
+    bare = await http.get(f"/{names.items}?id&select=id")  # `id` without `=` is no parameter
+    assert sorted(r["id"] for r in bare.json()) == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"", b"42", b'[{"id":1},{"name":"x"}]'])
 async def test_bad_json_body_is_pgrst102(
     names: Names, http: httpx.AsyncClient, body: bytes

@@ -16,7 +16,6 @@ from listener.local.rest_query import (
     SelectItem,
     check_profile,
     content_range,
-    is_filter_value,
     page_bounds,
     parse_args,
     parse_filter,
@@ -28,6 +27,7 @@ from listener.local.rest_query import (
     parse_row,
     parse_rows,
     parse_select,
+    query_items,
     range_status,
     wants_single_object,
 )
@@ -107,7 +107,6 @@ def test_in_list_quoting(value: str, items: tuple[str, ...]) -> None:
         "in.a,b",
         'in.("a"b)',
         'in.("a',
-        "in.(a)x",
         "is.maybe",
         "not.not.eq.1",
         "nope.1",
@@ -121,11 +120,68 @@ def test_malformed_filter_is_pgrst100(value: str) -> None:
     assert code_of(exc) == (400, "PGRST100")
 
 
-def test_filter_error_says_where_and_what() -> None:
+@pytest.mark.parametrize(
+    ("value", "column", "details"),
+    [  # positions and texts as PostgREST's Parsec parser gives them (QueryParams.hs doctests)
+        ("eqq.5", 3, 'unexpected "q" expecting operator (eq, gt, ...)'),
+        ("noop.0", 1, 'unexpected "o" expecting "not" or operator (eq, gt, ...)'),
+        ("val", 1, 'unexpected "v" expecting "not" or operator (eq, gt, ...)'),
+        ("eq().value", 4, 'unexpected ")" expecting operator (eq, gt, ...)'),
+        ("is().value", 3, 'unexpected "(" expecting operator (eq, gt, ...)'),
+        ("in().value", 3, 'unexpected "(" expecting operator (eq, gt, ...)'),
+        ("fts().value", 5, 'unexpected ")" expecting operator (eq, gt, ...)'),
+        ("not.nope.1", 5, 'unexpected "n" expecting operator (eq, gt, ...)'),
+        ("notx", 4, 'unexpected "x" expecting delimiter (.)'),
+        ("eq", 3, "unexpected end of input expecting operator (eq, gt, ...)"),
+        ("gtex.1", 4, 'unexpected "x" expecting operator (eq, gt, ...)'),
+        ("is.maybe", 4, 'unexpected "m" expecting isVal: (null, not_null, true, false, unknown)'),
+        ("in.1,2", 4, 'unexpected "1" expecting "("'),
+    ],
+)
+def test_filter_error_says_where_and_what_as_postgrest(
+    value: str, column: int, details: str
+) -> None:
     with pytest.raises(RestError) as exc:
-        parse_filter("c", "nope.1")
-    assert exc.value.message == '"failed to parse filter (nope.1)" (column 5)'
-    assert "unknown single value operator nope" in exc.value.details
+        parse_filter("c", value)
+    assert exc.value.message == f'"failed to parse filter ({value})" (line 1, column {column})'
+    assert exc.value.details == details
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("in.(a)x", Filter("c", "in", values=("a",))),
+        ("is.nullx", Filter("c", "is", "null")),
+    ],
+)
+def test_text_after_an_in_list_or_is_value_is_ignored_as_postgrest_does(
+    value: str, expected: Filter
+) -> None:
+    assert parse_filter("c", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "is_filter"),
+    [
+        ("eqq.1", False),
+        ("nope", False),
+        ("5", False),
+        ("{1,2}", False),
+        ("hello.world", False),
+        ("", False),
+        ("not.eq.1", True),
+        ("in.(1)", True),
+    ],
+)
+def test_every_unreserved_parameter_of_a_table_request_is_a_filter(
+    value: str, is_filter: bool
+) -> None:
+    if is_filter:
+        assert len(parse_query([("c", value)]).conditions) == 1
+        return
+    with pytest.raises(RestError) as exc:
+        parse_query([("c", value)])
+    assert code_of(exc) == (400, "PGRST100")
 
 
 @pytest.mark.parametrize(
@@ -133,7 +189,6 @@ def test_filter_error_says_where_and_what() -> None:
     [
         ("eq.1", True),
         ("not.eq.1", True),
-        ("not.x", False),
         ("is.null", True),
         ("in.(1)", True),
         ("like(any).{a}", True),
@@ -141,11 +196,26 @@ def test_filter_error_says_where_and_what() -> None:
         ("5", False),
         ("{1,2}", False),
         ("eq", False),
+        ("eqq.1", False),
         ("hello.world", False),
     ],
 )
-def test_is_filter_value_separates_filters_from_rpc_args(value: str, is_filter: bool) -> None:
-    assert is_filter_value(value) is is_filter
+def test_rpc_reads_take_values_without_an_operator_as_arguments(
+    value: str, is_filter: bool
+) -> None:
+    q = parse_query([("p", value)], rpc_read=True)
+    assert (len(q.conditions), dict(q.args)) == ((1, {}) if is_filter else (0, {"p": value}))
+
+
+@pytest.mark.parametrize("value", ["not.x", "in.1,2", "is.maybe"])
+def test_rpc_read_values_past_not_in_or_is_are_malformed_filters(value: str) -> None:
+    with pytest.raises(RestError) as exc:
+        parse_query([("p", value)], rpc_read=True)
+    assert code_of(exc) == (400, "PGRST100")
+
+
+def test_query_items_drop_keys_without_a_value_as_postgrest_does() -> None:
+    assert query_items(b"id&x=&y=eq.%C3%A9+a") == [("x", ""), ("y", "eq.\u00e9 a")]
 
 
 def test_quoted_filter_column_may_hold_dots_and_commas() -> None:
@@ -280,7 +350,8 @@ def test_parse_query_sorts_params_into_their_roles() -> None:
             ("on_conflict", "id"),
             ("p_id", "abc"),
             ("n", "{1,2}"),
-        ]
+        ],
+        rpc_read=True,
     )
     assert q == QueryParams(
         select=(SelectItem("id"), SelectItem("name")),

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import psycopg
 import structlog
 from psycopg import sql
@@ -22,16 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from listener.local import keys, rest_errors, rest_query, rest_sql
+from listener.local import rest_errors, rest_query, rest_sql
+from listener.local.rest_auth import Authenticator, Identity
 from listener.local.rest_errors import JSON_UTF8, RestError
 from listener.local.rest_query import Preferences, QueryParams, SelectItem
 from listener.local.rest_sql import CallArgs, Catalog, Function, Relation, ReturnKind, Statement
 
 log = structlog.get_logger(component="rest")
 
-ANON = "anon"
-ROLES = frozenset({ANON, "authenticated", "service_role"})
-API_KEY_ROLES = frozenset({ANON, "service_role"})
 METHODS = ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"]
 TABLE_METHODS = ("OPTIONS", "GET", "HEAD", "POST", "PATCH", "DELETE")
 RPC_METHODS = ("OPTIONS", "GET", "HEAD", "POST")
@@ -44,7 +40,6 @@ EXPOSED_HEADERS = [
     "Proxy-Status",
     "Range-Unit",
 ]
-CLAIMS_CACHE_SIZE = 1024
 STATEMENT_CACHE_SIZE = 512
 # Errors that may mean the schema cache is out of date: reload it on the next request.
 STALE_SQLSTATES = frozenset({"42P01", "42883", "42703", "42804"})
@@ -55,90 +50,6 @@ SETUP = sql.SQL(
     "set_config('search_path', 'public, extensions', true), "
     "set_config('transaction_read_only', %s, true)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a request runs as: the database role and the JWT claims (as JSON)."""
-
-    role: str
-    claims: str
-    expires_at: float
-
-    @property
-    def authenticated(self) -> bool:
-        """PostgREST's notion: any role but the anonymous one (decides 401 vs 403)."""
-        return self.role != ANON
-
-
-class Authenticator:
-    """Checks the API key and the bearer JWT (HS256), remembering tokens it has verified."""
-
-    def __init__(self, secret: str, clock: Callable[[], float] = time.time) -> None:
-        self._secret = secret
-        self._clock = clock
-        self._verified: dict[str, Identity] = {}
-
-    def identity(self, request: Request) -> Identity:
-        """The identity to run as; raises the gateway's or PostgREST's 401."""
-        api_key = request.headers.get("apikey") or request.query_params.get("apikey")
-        if not api_key:
-            raise rest_errors.missing_api_key()
-        try:
-            key_identity = self._verify(api_key)
-        except RestError:
-            raise rest_errors.invalid_api_key() from None
-        if key_identity.role not in API_KEY_ROLES:
-            raise rest_errors.invalid_api_key()
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return key_identity
-        if not token.strip():
-            raise rest_errors.jwt_error("PGRST301", "Empty JWT is sent in Authorization header")
-        identity = self._verify(token.strip())
-        if identity.role not in ROLES:
-            raise rest_errors.unknown_role(identity.role)
-        return identity
-
-    def _verify(self, token: str) -> Identity:
-        identity = self._verified.get(token)
-        if identity is None:
-            identity = self._decode(token)
-            if len(self._verified) >= CLAIMS_CACHE_SIZE:
-                self._verified.clear()
-            self._verified[token] = identity
-        if identity.expires_at <= self._clock():
-            self._verified.pop(token, None)
-            raise rest_errors.jwt_error("PGRST303", "JWT expired")
-        return identity
-
-    def _decode(self, token: str) -> Identity:
-        try:
-            claims = keys.verify(self._secret, token)
-        except jwt.ExpiredSignatureError:
-            raise rest_errors.jwt_error("PGRST303", "JWT expired") from None
-        except jwt.ImmatureSignatureError as exc:
-            future = "JWT issued at future" if "iat" in str(exc) else "JWT not yet valid"
-            raise rest_errors.jwt_error("PGRST303", future) from None
-        except jwt.MissingRequiredClaimError as exc:
-            message = f"The JWT has no '{exc.claim}' claim"
-            raise rest_errors.jwt_error("PGRST303", message) from None
-        except jwt.InvalidSignatureError:
-            message = "JWT cryptographic operation failed"
-            raise rest_errors.jwt_error("PGRST301", message) from None
-        except jwt.InvalidAlgorithmError:
-            message = "Wrong or unsupported encoding algorithm"
-            raise rest_errors.jwt_error("PGRST301", message) from None
-        except jwt.InvalidTokenError:
-            parts = token.count(".") + 1
-            message = (
-                f"Expected 3 parts in JWT; got {parts}" if parts != 3 else "JWT couldn't be decoded"
-            )
-            raise rest_errors.jwt_error("PGRST301", message) from None
-        role = claims["role"]
-        if not isinstance(role, str):
-            raise rest_errors.jwt_error("PGRST303", "The JWT 'role' claim must be a string")
-        return Identity(role, json.dumps(claims, separators=(",", ":")), float(claims["exp"]))
 
 
 class SchemaCache:

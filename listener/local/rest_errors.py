@@ -161,10 +161,10 @@ def invalid_api_key() -> RestError:
     )
 
 
-def jwt_error(code: str, message: str) -> RestError:
+def jwt_error(code: str, message: str, details: str | None = None) -> RestError:
     """PGRST301 (undecodable JWT) or PGRST303 (invalid claims), with the bearer challenge."""
     challenge = f'Bearer error="invalid_token", error_description={json.dumps(message)}'
-    return RestError(401, code, message, headers={"www-authenticate": challenge})
+    return RestError(401, code, message, details, headers={"www-authenticate": challenge})
 
 
 def bad_query(message: str, details: str | None = None) -> RestError:
@@ -250,15 +250,4 @@ def ambiguous_function(name: str, signatures: Iterable[str]) -> RestError:
         f"Could not choose the best candidate function between: {listed}",
         hint="Try renaming the parameters or the function itself in the database so function "
         "overloading can be resolved",
-    )
-
-
-def unknown_role(role: str) -> RestError:
-    """The JWT names a role this gateway will not switch to (PostgREST: 22023 -> 401)."""
-    return RestError(
-        401,
-        "22023",
-        f'role "{role}" does not exist',
-        "The local REST gateway switches only to anon, authenticated and service_role.",
-        headers={"www-authenticate": "Bearer"},
     )

@@ -8,6 +8,9 @@ create role authenticated nologin noinherit;
 create role service_role nologin noinherit bypassrls;
 create role authenticator login noinherit;
 grant anon, authenticated, service_role to authenticator;
+-- Supabase's own superuser. Here it has no powers and cannot log in; it exists so that a JWT
+-- naming it is refused as on Supabase (permission denied to set role), not as an unknown role.
+create role supabase_admin nologin noinherit;
 alter role anon set statement_timeout = '3s';
 alter role authenticated set statement_timeout = '8s';
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import jwt
 import psycopg
 import pytest
 from postgrest.exceptions import APIError
@@ -20,7 +25,8 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from listener.local import keys, rest_sql
 from listener.local.postgres import EmbeddedPostgres
-from listener.local.rest import Authenticator, create_rest_app
+from listener.local.rest import create_rest_app
+from listener.local.rest_auth import Authenticator
 from listener.local.rest_errors import RestError
 from listener.local.stack import StackThread, create_user
 
@@ -91,6 +97,8 @@ create function @p_whoami() returns jsonb language sql stable as $$
         'client', current_setting('request.headers', true)::jsonb ->> 'x-client-info',
         'read_only', current_setting('transaction_read_only'))
 $$;
+create function @p_claims() returns jsonb language sql stable as
+    $$ select current_setting('request.jwt.claims', true)::jsonb $$;
 create function @p_sum(p_values integer[]) returns integer
     language sql immutable as 'select sum(v)::integer from unnest(p_values) v';
 """
@@ -803,7 +811,7 @@ async def test_missing_or_invalid_api_key_is_answered_like_the_gateway(
 async def test_expired_token_is_pgrst303(
     stack: StackThread, names: Names, connect: Connect
 ) -> None:
-    expired = User(uuid.uuid4(), keys.user_token(stack.info.jwt_secret, uuid.uuid4(), ttl_s=-10))
+    expired = User(uuid.uuid4(), keys.user_token(stack.info.jwt_secret, uuid.uuid4(), ttl_s=-60))
     with pytest.raises(APIError) as exc:
         await (await connect(user=expired)).table(names.notes).select("*").execute()
     assert (exc.value.code, exc.value.message) == ("PGRST303", "JWT expired")
@@ -825,7 +833,9 @@ def test_a_remembered_token_still_expires(stack: StackThread) -> None:
         }
     )
     assert auth.identity(request).role == "authenticated"
-    now[0] += 61
+    now[0] += 61  # within PostgREST's 30 s clock skew
+    assert auth.identity(request).role == "authenticated"
+    now[0] += 30
     with pytest.raises(RestError) as exc:
         auth.identity(request)
     assert (exc.value.status, exc.value.code, exc.value.message) == (401, "PGRST303", "JWT expired")
@@ -834,34 +844,194 @@ def test_a_remembered_token_still_expires(stack: StackThread) -> None:
     )
 
 
+def signed(claims: Any, secret: str | None, alg: str = "HS256") -> str:
+    """A JWT with any claims (even not an object), HS256-signed with `secret`, or an
+    unsigned `alg` token when `secret` is None."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = part(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = part(claims if isinstance(claims, bytes) else json.dumps(claims).encode())
+    if secret is None:
+        return f"{header}.{body}."
+    mac = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256)
+    return f"{header}.{body}.{part(mac.digest())}"
+
+
+def forged(secret: str, case: str) -> str:
+    """The attacker's token for `case`: every one claims the service role."""
+    now = int(time.time())
+    role = {"role": "service_role"}
+    match case:
+        case "wrong secret":
+            return signed({**role, "exp": now + 60}, "a-different-secret-of-enough-length!")
+        case "alg none":
+            return signed({**role, "exp": now + 60}, None, alg="none")
+        case "HS512":
+            return jwt.encode({**role, "exp": now + 60}, secret, algorithm="HS512")
+        case "garbage":
+            return "quifquirndsjagnrgniur.fonvoienqhhdj.iuqvnvhojah"  # PostgREST's own spec
+        case "not claims":
+            return signed(b"[1]", secret)
+        case "exp as string":
+            return signed({**role, "exp": str(now + 3600)}, secret)
+        case "expired":
+            return signed({**role, "exp": now - 60}, secret)
+        case "nbf in the future":
+            return signed({**role, "exp": now + 600, "nbf": now + 120}, secret)
+        case "iat in the future":
+            return signed({**role, "exp": now + 600, "iat": now + 120}, secret)
+        case "nbf as string":
+            return signed({**role, "nbf": str(now)}, secret)
+        case "aud an object":
+            return signed({**role, "aud": {"x": 1}}, secret)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message", "details"),
+    [  # PostgREST's AuthSpec/ErrorSpec answers (jose-jwt messages as details)
+        (
+            "wrong secret",
+            "PGRST301",
+            "No suitable key or wrong key type",
+            "None of the keys was able to decode the JWT",
+        ),
+        (
+            "alg none",
+            "PGRST301",
+            "Wrong or unsupported encoding algorithm",
+            "JWT is unsecured but expected 'alg' was not 'none'",
+        ),
+        (
+            "HS512",
+            "PGRST301",
+            "No suitable key or wrong key type",
+            "No suitable key was found to decode the JWT",
+        ),
+        ("garbage", "PGRST301", "JWT cryptographic operation failed", None),
+        ("not claims", "PGRST303", "Parsing claims failed", None),
+        ("exp as string", "PGRST303", "The JWT 'exp' claim must be a number", None),
+        ("expired", "PGRST303", "JWT expired", None),
+        ("nbf in the future", "PGRST303", "JWT not yet valid", None),
+        ("iat in the future", "PGRST303", "JWT issued at future", None),
+        ("nbf as string", "PGRST303", "The JWT 'nbf' claim must be a number", None),
+        (
+            "aud an object",
+            "PGRST303",
+            "The JWT 'aud' claim must be a string or an array of strings",
+            None,
+        ),
+    ],
+)
+async def test_forged_or_invalid_tokens_are_refused_as_postgrest_refuses_them(
+    stack: StackThread,
+    names: Names,
+    connect: Connect,
+    http: httpx.AsyncClient,
+    case: str,
+    code: str,
+    message: str,
+    details: str | None,
+) -> None:
+    service = await connect(service=True)
+    row_id = uuid.uuid4().int % 2**31  # each case its own row: a forged token may delete it
+    await service.table(names.secrets).insert({"id": row_id, "secret": case}).execute()
+    token = forged(stack.info.jwt_secret, case)
+    attacker = await connect(user=User(uuid.uuid4(), token))
+    with pytest.raises(APIError) as exc:
+        await attacker.table(names.secrets).delete().eq("id", row_id).execute()
+    assert (exc.value.code, exc.value.message, exc.value.details) == (code, message, details)
+
+    response = await http.get(f"/{names.secrets}", headers={"Authorization": f"Bearer {token}"})
+    body = assert_pgrst_error(response, 401, code)
+    assert body == {"code": code, "message": message, "details": details, "hint": None}
+    assert response.headers["www-authenticate"] == (
+        f'Bearer error="invalid_token", error_description="{message}"'
+    )
+    kept = await service.table(names.secrets).delete().eq("id", row_id).execute()
+    assert kept.data == [{"id": row_id, "secret": case}]
+
+
 @pytest.mark.parametrize(
     ("token", "message"),
     [
-        ("forged", "JWT cryptographic operation failed"),
         ("not.a-jwt", "Expected 3 parts in JWT; got 2"),
-        ("a.b.c", "JWT couldn't be decoded"),
+        ("a.b.c.d.e", "Expected 3 parts in JWT; got 5"),
         ("", "Empty JWT is sent in Authorization header"),
     ],
 )
-async def test_forged_or_garbage_token_is_pgrst301(
-    stack: StackThread, names: Names, http: httpx.AsyncClient, token: str, message: str
+async def test_a_token_not_of_three_parts_is_pgrst301(
+    names: Names, http: httpx.AsyncClient, token: str, message: str
 ) -> None:
-    if token == "forged":
-        claims = {"role": "service_role", "exp": int(time.time()) + 60}
-        token = keys.sign("a-different-secret-of-enough-length!", claims)
     authorization = f"Bearer {token}".strip()  # HTTP drops trailing spaces: "Bearer" alone
     response = await http.get(f"/{names.items}", headers={"Authorization": authorization})
-    body = assert_pgrst_error(response, 401, "PGRST301")
-    assert body["message"] == message
+    assert assert_pgrst_error(response, 401, "PGRST301")["message"] == message
     assert response.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
 
 
-async def test_token_for_another_role_is_401(
+@pytest.mark.parametrize(
+    ("role", "status", "code", "message"),
+    [  # what Postgres answers when the authenticator may not, or cannot, switch to the role
+        ("postgres", 403, "42501", 'permission denied to set role "postgres"'),
+        ("supabase_admin", 403, "42501", 'permission denied to set role "supabase_admin"'),
+        ("not existing", 401, "22023", 'role "not existing" does not exist'),
+    ],
+)
+async def test_a_token_for_a_role_the_authenticator_cannot_take_is_refused_by_postgres(
+    stack: StackThread,
+    names: Names,
+    connect: Connect,
+    http: httpx.AsyncClient,
+    role: str,
+    status: int,
+    code: str,
+    message: str,
+) -> None:
+    token = signed({"role": role, "exp": int(time.time()) + 60}, stack.info.jwt_secret)
+    attacker = await connect(user=User(uuid.uuid4(), token))
+    with pytest.raises(APIError) as exc:
+        await attacker.table(names.secrets).select("*").execute()
+    assert (exc.value.code, exc.value.message) == (code, message)
+    response = await http.get(f"/{names.secrets}", headers={"Authorization": f"Bearer {token}"})
+    assert_pgrst_error(response, status, code)
+
+
+async def test_claims_postgrest_does_not_require_are_optional(
+    stack: StackThread, names: Names, connect: Connect
+) -> None:
+    secret, now, sub = stack.info.jwt_secret, int(time.time()), str(uuid.uuid4())
+    tokens = {
+        "no role: the anon role": signed({"sub": sub, "exp": now + 60}, secret),
+        "no exp": signed({"role": "authenticated", "sub": sub}, secret),
+        "expired within the 30 s skew": signed({"role": "authenticated", "exp": now - 10}, secret),
+        "another audience (no jwt-aud on Supabase)": signed(
+            {"role": "authenticated", "aud": "someone-else", "exp": now + 60}, secret
+        ),
+        "null times": signed({"role": "authenticated", "exp": None, "nbf": None}, secret),
+    }
+    seen = {}
+    for case, token in tokens.items():
+        client = await connect(user=User(uuid.uuid4(), token))
+        seen[case] = (await client.rpc(names("whoami"), {}).execute()).data["user"]
+    assert seen == {
+        "no role: the anon role": "anon",
+        "no exp": "authenticated",
+        "expired within the 30 s skew": "authenticated",
+        "another audience (no jwt-aud on Supabase)": "authenticated",
+        "null times": "authenticated",
+    }
+
+
+async def test_the_claims_postgres_sees_carry_the_role_used(
     stack: StackThread, names: Names, http: httpx.AsyncClient
 ) -> None:
-    token = keys.sign(stack.info.jwt_secret, {"role": "postgres", "exp": int(time.time()) + 60})
-    response = await http.get(f"/{names.items}", headers={"Authorization": f"Bearer {token}"})
-    assert assert_pgrst_error(response, 401, "22023")["message"] == 'role "postgres" does not exist'
+    token = signed({"sub": "s"}, stack.info.jwt_secret)
+    response = await http.post(
+        f"/rpc/{names('claims')}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.json() == {"sub": "s", "role": "anon"}
 
 
 @pytest.mark.parametrize(

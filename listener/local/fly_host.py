@@ -1,5 +1,5 @@
 """The emulated flyd: machine lifecycles with real delays, the main-process deadline, exec
-subprocesses in per-machine working directories, host failures and event-driven waits."""
+subprocesses in per-machine working directories (see fly_exec), host failures and waits."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ from typing import Any
 
 import structlog
 
+from listener.local.fly_exec import (
+    MachineUser,
+    fresh_directory,
+    machine_environment,
+    machine_user,
+    open_root,
+    spawn,
+)
 from listener.local.fly_knobs import EmulatorOptions
 from listener.local.fly_requests import CreateSpec, ExecSpec, WaitSpec
 from listener.local.fly_state import (
@@ -54,6 +62,7 @@ class FlyHost:
         self._procs: dict[str, set[asyncio.subprocess.Process]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._root: Path | None = None
+        self._user: MachineUser | None = None
         self._closing = False
 
     # -- API operations (the HTTP layer has checked auth, leases and the request shape) ---------
@@ -72,7 +81,7 @@ class FlyHost:
             created_at=now,
             updated_at=now,
         )
-        _fresh_directory(machine.workdir)
+        fresh_directory(machine.workdir, self._user)
         self.machines[machine_id] = machine
         self._enter(machine, S.CREATED, "launch", "user")
         if not spec.skip_launch:
@@ -90,7 +99,7 @@ class FlyHost:
         previous = machine.state
         if start_plan(previous, self.options.start_started_status):
             if previous == S.STOPPED:
-                _fresh_directory(machine.workdir)
+                fresh_directory(machine.workdir, self._user)
             self._enter(machine, S.STARTING, "start", "user")
             self._schedule(machine, [(self.options.start_delay_s, S.STARTED, "start")])
         return previous
@@ -136,25 +145,16 @@ class FlyHost:
         return machine
 
     async def run(self, machine: MachineRecord, spec: ExecSpec) -> JSON:
-        """Run argv in the machine's directory (HOME too); 408 `deadline_exceeded` on timeout."""
+        """Run argv in the machine's directory (HOME too) as its user, with only the machine's
+        environment; 408 `deadline_exceeded` on timeout."""
         if self._closing:
             raise error(503, "emulator shutting down")
         if machine.state != S.STARTED:
             raise error(412, f"machine is not started, currently {machine.state.value}")
-        env = {
-            "PATH": os.environ.get("PATH", os.defpath),  # the host's tools stand in for the image's
-            **machine.config.get("env", {}),
-            "HOME": str(machine.workdir),
-        }
+        env = machine_environment(machine.config.get("env", {}), machine.workdir, self._user)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                cwd=machine.workdir,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL if spec.stdin is None else asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own process group, so a kill takes its children too
+            proc = await spawn(
+                spec.argv, machine.workdir, env, self._user, stdin=spec.stdin is not None
             )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
@@ -279,17 +279,14 @@ class FlyHost:
             _kill(proc)
 
     def _workdir_root(self) -> Path:
+        """The machines' directories' root, made on first use, with the user to run them as."""
         if self._root is None:
+            self._user = machine_user()
             configured = self.options.workdir_root
             self._root = configured or Path(tempfile.mkdtemp(prefix="fly-emulator-"))
             self._root.mkdir(parents=True, exist_ok=True)
+            open_root(self._root, self._user)
         return self._root
-
-
-def _fresh_directory(path: Path) -> None:
-    """An empty directory at `path`: a new machine, or a stopped one booting a clean rootfs."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

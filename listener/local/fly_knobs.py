@@ -43,7 +43,7 @@ class EmulatorOptions:
     get_burst: int = 10
     exec_max_s: float = 30.0
     strict_stopped_wait: bool = False
-    workdir_root: Path | None = None
+    workdir_root: Path | None = None  # as root, fly-machine must be able to reach it
 
     def __post_init__(self) -> None:
         problems = [

@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import random
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -365,6 +367,90 @@ async def test_exec_runs_real_processes_in_per_machine_directories(serve: Serve)
     assert (await run(client, two, "ls", "-A")).json()["stdout"] == ""
     missing = await run(client, two, "definitely-not-a-command-xyz")
     assert missing.status_code == 200 and missing.json()["exit_code"] == 127
+
+
+FAKE_SECRETS = {
+    "SUPABASE_SERVICE_ROLE_KEY": "fake-service-role-key-7f3a",
+    "FLY_API_TOKEN": "fake-fly-api-token-91c2",
+}
+AS_ROOT = os.geteuid() == 0
+
+
+def environment_of(env_output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in env_output.splitlines())
+
+
+async def test_exec_sees_only_the_machines_environment(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(key, value)
+    emulator, client = await serve()
+    machine_id = await started(client, {"env": {"SESSION_ID": "s-1"}})
+
+    seen = (await run(client, machine_id, "env")).json()["stdout"]
+
+    workdir = str(emulator.get(machine_id).workdir)
+    assert environment_of(seen).keys() == {"PATH", "HOME", "SESSION_ID"}
+    assert (environment_of(seen)["HOME"], environment_of(seen)["SESSION_ID"]) == (workdir, "s-1")
+    assert not [v for v in FAKE_SECRETS.values() if v in seen]
+    tools = await run(client, machine_id, "sh", "-c", "command -v bash git node")
+    assert tools.json()["exit_code"] == 0, "the host's tools stand in for the image's"
+
+
+@contextlib.asynccontextmanager
+async def emulator_process(env: dict[str, str]) -> AsyncIterator[tuple[int, httpx.AsyncClient]]:
+    """`sandbox-listener local fly` as a developer starts it from a shell holding secrets."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "listener", "local", "fly", "--port", "0",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    printed: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(30):
+            while not {"FLY_API_HOSTNAME", "FLY_API_TOKEN"} <= printed.keys():
+                key, _, value = (await proc.stdout.readline()).decode().strip().partition("=")
+                printed[key] = value
+        async with httpx.AsyncClient(
+            base_url=f"{printed['FLY_API_HOSTNAME']}/v1/apps/{APP}",
+            headers={"Authorization": f"Bearer {printed['FLY_API_TOKEN']}"},
+            timeout=10,
+        ) as client:
+            knobs = f"{printed['FLY_API_HOSTNAME']}/_emulator/faults"
+            off = await client.post(knobs, json={"rate_limits": False})  # fast, not faithful
+            assert off.status_code == 200, off.text
+            yield proc.pid, client
+    finally:
+        proc.terminate()
+        await proc.communicate()
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="not root: commands run as the current user (documented)")
+async def test_exec_cannot_read_the_emulators_environment_or_roots_files() -> None:
+    with tempfile.NamedTemporaryFile("w", prefix="root-only-", suffix=".env") as private:
+        private.write(FAKE_SECRETS["FLY_API_TOKEN"])  # mkstemp makes it 0600
+        private.flush()
+        async with emulator_process({**os.environ, **FAKE_SECRETS}) as (pid, client):
+            machine_id = await started(client, {"env": {"SESSION_ID": "s-1"}})
+            attacks = [
+                ["cat", f"/proc/{pid}/environ"],
+                ["sh", "-c", "cat /proc/$PPID/environ"],
+                ["cat", private.name],
+            ]
+            answers = [(await run(client, machine_id, *argv)).json() for argv in attacks]
+            own = (await run(client, machine_id, "env")).json()
+            uid = (await run(client, machine_id, "id", "-u")).json()["stdout"].strip()
+            wrote = await run(client, machine_id, "sh", "-c", "echo mine > note && cat note")
+
+    for argv, answer in zip(attacks, answers, strict=True):
+        assert answer["exit_code"] != 0, f"{argv} succeeded: {answer['stdout'][:80]!r}"
+        assert "Permission denied" in answer["stderr"]
+    seen = "".join(a["stdout"] + a["stderr"] for a in [*answers, own])
+    assert not [v for v in FAKE_SECRETS.values() if v in seen]
+    assert environment_of(own["stdout"]).keys() == {"PATH", "HOME", "SESSION_ID"}
+    assert uid != "0"
+    assert wrote.json()["stdout"] == "mine\n", "the machine's own directory is writable"
 
 
 @pytest.mark.parametrize(

@@ -204,15 +204,6 @@ class Tombstone:
 
 
 @dataclass(frozen=True, slots=True)
-class UnreadableRow:
-    """A row the listener could not parse: enough of it to fail it, and why."""
-
-    id: str
-    epoch: int
-    problem: str
-
-
-@dataclass(frozen=True, slots=True)
 class MachineSpec:
     """What to ask Fly for: a validated region and guest size."""
 

@@ -29,7 +29,6 @@ from listener.models import (
     Session,
     SessionStatus,
     Tombstone,
-    UnreadableRow,
     clip,
 )
 
@@ -79,14 +78,11 @@ class SandboxStore:
         *,
         max_attempts: int = 4,
         wait: WaitBaseT | None = None,
-        fail_unreadable: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         self._client = client
         self.owner = owner
-        self._fail_unreadable = fail_unreadable
         self._metrics = metrics
-        self.unreadable: list[UnreadableRow] = []  # rows met that could not be parsed
         self._max_attempts = max_attempts
         self._wait = wait or (wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1))
 
@@ -322,7 +318,7 @@ class SandboxStore:
 
     async def _sessions(self, rows: Sequence[Row]) -> list[Session]:
         """Parse each row on its own: one unreadable row never hides the others; it is failed
-        for good with a sentence (when this store repairs), and kept in `unreadable`."""
+        for good with a sentence."""
         sessions: list[Session] = []
         for row in rows:
             try:
@@ -333,24 +329,21 @@ class SandboxStore:
 
     async def _unreadable(self, row: Row, problem: str) -> None:
         try:
-            bad = UnreadableRow(str(uuid.UUID(str(row["id"]))), int(row["sandbox_epoch"]), problem)
+            session_id, epoch = str(uuid.UUID(str(row["id"]))), int(row["sandbox_epoch"])
         except (KeyError, ValueError, TypeError):
             log.error("session_row_unparseable", problem=problem)  # no id: nothing to fail
             return
-        self.unreadable.append(bad)
-        log.warning("session_row_unreadable", session_id=bad.id, problem=problem)
-        if not self._fail_unreadable:
-            return
+        log.warning("session_row_unreadable", session_id=session_id, problem=problem)
         message = (
             f"The listener could not read this session ({problem}); it will not get a sandbox. "
             "Start a new session."
         )
         try:  # a CAS on the epoch it was read at: never fails a row someone has since changed
-            args = {"p_id": bad.id, "p_epoch": bad.epoch, "p_error": message}
+            args = {"p_id": session_id, "p_epoch": epoch, "p_error": message}
             if await self._rpc("sandbox_fail_unreadable", args) and self._metrics:
                 self._metrics.session_failed("unreadable")
         except StoreError as exc:
-            log.warning("session_row_fail_failed", session_id=bad.id, error=str(exc))
+            log.warning("session_row_fail_failed", session_id=session_id, error=str(exc))
 
     # -- plumbing -------------------------------------------------------------------------
 
